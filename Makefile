@@ -1,0 +1,16 @@
+# The two commands the README opens with. Both install what they need into .venv first.
+SHELL := /bin/bash
+HOST ?= 127.0.0.1
+PORT ?= 8000
+TCMALLOC := $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4))
+
+.PHONY: run test setup
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	LD_PRELOAD=$(TCMALLOC) .venv/bin/cxr serve --host $(HOST) --port $(PORT)
+
+test: setup
+	LD_PRELOAD=$(TCMALLOC) .venv/bin/python -m pytest $(PYTEST_ARGS)
