@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import pkgutil
 import sys
 
 import typer
@@ -19,8 +20,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _name in ("data", "training", "explaining", "predicting", "serving"):
-    importlib.import_module(f"cxr.cli.{_name}").register(app)
+# Every module in this package defines `register(app)`; heavy imports stay inside the commands.
+for _mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    importlib.import_module(f"{__name__}.{_mod.name}").register(app)
 
 
 def _preload_tcmalloc() -> None:
