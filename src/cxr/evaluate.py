@@ -43,19 +43,24 @@ class _Inputs(Dataset):
 
 
 def scores(model, meta, films, names: Sequence[str], batch_size: int = 32, *, device=None, workers: int = 0,
-           bf16: bool = True, channels_last: bool = True, skip_unreadable: bool = False,
+           bf16: bool | None = None, channels_last: bool = True, skip_unreadable: bool = False,
            progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Probabilities (len(names) x len(meta.outputs), float32) from `cxr.model.probabilities`.
 
     Films are read from `films` (`cxr.datasets.open_films`) and go through the model's own evaluation
-    transform. Runs under inference_mode with bf16 autocast and channels_last (which converts `model`'s
+    transform. Runs under inference_mode with channels_last (which converts `model`'s
     weights in place: same numbers, faster layout); the model's train/eval mode is restored afterwards.
+    bf16: autocast to bf16; None = where it is fast (GPUs, CPUs with native bf16; fp32 elsewhere).
     skip_unreadable: rows of films that fail to decode are NaN instead of raising.
     progress: called with the number of films done after each batch.
     """
     from cxr.model import probabilities
 
+    from cxr.config import cpu_has_fast_bf16
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if bf16 is None:
+        bf16 = device.type == "cuda" or cpu_has_fast_bf16()
     was_training = model.training
     model.eval().to(device)
     if channels_last:
@@ -156,7 +161,7 @@ def _truth(df, targets, meta) -> tuple[np.ndarray, list[str], list[float], slice
 
 def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, subset: str = "val",
              seed: int | None = None, task: str | None = None, compare=None, lists=None, batch_size: int = 32,
-             workers: int = 0, n_boot: int = 1000, boot_seed: int = 0, device=None, bf16: bool = True,
+             workers: int = 0, n_boot: int = 1000, boot_seed: int = 0, device=None, bf16: bool | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Score the labelled films under `data` and write the report into `out_dir`; returns report.json's dict.
 

@@ -16,6 +16,7 @@ class Subset(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
+    auto = "auto"
     bf16 = "bf16"
     fp32 = "fp32"
 
@@ -39,7 +40,7 @@ def evaluate(
     workers: int = typer.Option(0, "--workers", help="Processes decoding films alongside inference."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda; default: cuda if available."),
-    precision: Precision = typer.Option(Precision.bf16, "--precision", help="Inference arithmetic (bf16 autocast or fp32)."),
+    precision: Precision = typer.Option(Precision.auto, "--precision", help="Inference arithmetic: auto (bf16 where the hardware has it), bf16, fp32."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Evaluate a model: AUC and AP per finding with 95% CIs, F1 variants, the paper's Figs 7, 9-12, 21."""
@@ -52,7 +53,7 @@ def evaluate(
         summary = run(
             None if model is None else str(model), data, metadata, out, split, subset=subset.value, seed=seed,
             task=task, compare=None if compare is None else str(compare), lists=lists, batch_size=batch_size,
-            workers=workers, n_boot=n_boot, device=device, bf16=precision is Precision.bf16,
+            workers=workers, n_boot=n_boot, device=device, bf16=None if precision is Precision.auto else precision is Precision.bf16,
             progress=lambda done, total: bar.update(job, completed=done, total=total),
         )
     show(summary)

@@ -1,0 +1,99 @@
+"""`cxr train` and `cxr lr-find`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+DATA_HELP = "A folder of films or a `cxr prepare` cache; repeat to train on several (e.g. 512 px and 64 px)."
+
+
+def train(
+    data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
+    metadata: Path = typer.Option(..., help="Data_Entry_2017(.csv|_v2020.csv.gz): labels joined by file name."),
+    out: Path = typer.Option(..., help="Run folder: last.ckpt, metrics.csv, split.json, model.safetensors."),
+    task: str = typer.Option("multilabel", help="multilabel | multilabel-paper | pneumothorax"),
+    split: str = typer.Option("patient", help="patient | official | random (the paper's; leaks patients)"),
+    seed: int = typer.Option(0),
+    val_fraction: Optional[float] = typer.Option(None, help="Validation share (default: 0.1; random: 0.2)."),
+    test_fraction: Optional[float] = typer.Option(None, help="Test share (default: 0.1; random: 0; official: NIH's list)."),
+    lists: Optional[Path] = typer.Option(None, help="Folder with NIH's split lists (default: beside --metadata)."),
+    arch: str = typer.Option("densenet121", help="densenet121 | efficientnet_lite0"),
+    weights: str = typer.Option("imagenet", help="imagenet | none | PATH to a cxr checkpoint"),
+    size: int = typer.Option(224, help="Input side in pixels."),
+    batch_size: int = typer.Option(64),
+    epochs: int = typer.Option(30, help="Phase 1: end-to-end epochs."),
+    lr: float = typer.Option(1e-2, help="Phase 1 peak learning rate (one-cycle)."),
+    weight_decay: float = typer.Option(1e-3),
+    head_epochs: int = typer.Option(0, help="Phase 2: epochs with the body frozen, head retrained."),
+    head_lr: Optional[float] = typer.Option(None, help="Phase 2 peak learning rate (default lr/10)."),
+    loss: str = typer.Option("weighted", help="weighted (Eq. 2/3 with Eq. 1 weights) | unweighted"),
+    precision: str = typer.Option("auto", help="auto (bf16 on CPU, AMP on GPU) | 32-true | bf16-mixed | 16-mixed"),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's training augmentations."),
+    dropout: float = typer.Option(0.5, help="Dropout before the last linear layer (half of it before the first)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: cores - 1)."),
+    accelerator: str = typer.Option("auto", help="auto | cpu | gpu"),
+    devices: str = typer.Option("auto", help="Processes/GPUs per machine, e.g. 2 for 2-process DDP."),
+    num_nodes: int = typer.Option(1, help="Machines (with torchrun or a cluster environment)."),
+    strategy: str = typer.Option("auto", help="auto | ddp | ddp_spawn | ..."),
+    max_films: Optional[int] = typer.Option(None, help="Use only the first N labelled films (smoke runs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.ckpt."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a model (the paper's recipe by default) and write a cxr checkpoint with its thresholds."""
+    from cxr.train import TrainConfig, fit
+
+    cfg = TrainConfig(
+        data=data, metadata=metadata, out=out, task=task, split=split, seed=seed, val_fraction=val_fraction,
+        test_fraction=test_fraction, lists=lists, arch=arch, weights=None if weights == "none" else weights,
+        size=size, batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        head_epochs=head_epochs, head_lr=head_lr, loss=loss, precision=precision, channels_last=channels_last,
+        augment=augment, dropout=(dropout / 2, dropout), workers=workers, accelerator=accelerator,
+        devices=devices, num_nodes=num_nodes, strategy=strategy, max_films=max_films, resume=resume,
+        progress=progress,
+    )
+    final = fit(cfg)
+    if final.exists():
+        typer.echo(f"wrote {final}")
+
+
+def lr_find(
+    data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
+    metadata: Path = typer.Option(..., help="Data_Entry_2017(.csv|_v2020.csv.gz)."),
+    out: Path = typer.Option(..., help="Folder for lr_find.json and lr_find.png (the paper's Fig. 6)."),
+    task: str = typer.Option("multilabel"),
+    split: str = typer.Option("patient"),
+    seed: int = typer.Option(0),
+    arch: str = typer.Option("densenet121"),
+    weights: str = typer.Option("imagenet", help="imagenet | none | PATH"),
+    size: int = typer.Option(224),
+    batch_size: int = typer.Option(64),
+    loss: str = typer.Option("weighted", help="weighted | unweighted (Fig. 6 right / left)"),
+    weight_decays: str = typer.Option("0,0.1,0.001,1e-5", help="Comma-separated; one curve each."),
+    min_lr: float = typer.Option(1e-7),
+    max_lr: float = typer.Option(10.0),
+    steps: int = typer.Option(100, help="Mini-batches per curve."),
+    max_films: Optional[int] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """LR range test over several weight decays; suggests the LR at the steepest loss descent."""
+    from cxr.lrfind import lr_find as run
+    from cxr.train import TrainConfig
+
+    cfg = TrainConfig(data=data, metadata=metadata, out=out, task=task, split=split, seed=seed, arch=arch,
+                      weights=None if weights == "none" else weights, size=size, batch_size=batch_size,
+                      loss=loss, max_films=max_films, workers=workers, progress=progress)
+    wds = [float(w) for w in weight_decays.split(",") if w.strip()]
+    result = run(cfg, wds, min_lr=min_lr, max_lr=max_lr, steps=steps)
+    for wd, c in result["curves"].items():
+        typer.echo(f"WD={wd}: suggested lr {c['suggestion']}")
+    typer.echo(f"wrote {out / 'lr_find.png'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("lr-find")(lr_find)

@@ -1,0 +1,309 @@
+"""Training: the paper's DenseNet-121 recipe on Lightning (one-cycle Adam, two phases, class weights).
+
+Reproducibility is built in rather than hoped for: the shuffle order is a function of (seed, epoch),
+augmentation randomness a function of (seed, epoch, film), dropout a function of (seed, step). So a run
+resumed from its last checkpoint after a kill -9, or the same run on 2 processes, retraces the same path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+
+@dataclass
+class TrainConfig:
+    data: list[Path]
+    metadata: Path
+    out: Path
+    task: str = "multilabel"
+    split: str = "patient"
+    seed: int = 0
+    val_fraction: float | None = None   # None: the split's own default (nih.make_split)
+    test_fraction: float | None = None
+    lists: Path | None = None  # folder with NIH's train_val_list.txt / test_list.txt (split=official)
+    arch: str = "densenet121"
+    weights: str | None = "imagenet"
+    size: int = 224
+    batch_size: int = 64
+    epochs: int = 30
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    head_epochs: int = 0
+    head_lr: float | None = None
+    loss: str = "weighted"
+    precision: str = "auto"
+    channels_last: bool = True
+    augment: bool = True
+    dropout: tuple[float, float] = (0.25, 0.5)
+    workers: int | None = None
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    max_films: int | None = None
+    resume: bool = False
+    progress: bool = True
+    command: str = field(default_factory=lambda: " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch) and keeps this rank's share.
+
+    It yields `epoch * n + index`, so the dataset can seed each film's augmentation by epoch too.
+    With one process it is a seeded RandomSampler; with several it matches DistributedSampler (each
+    rank takes every world-th index), so one process at batch 2b sees what two see at batch b.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch = 0
+        self.per_rank = math.ceil(n / world) if not shuffle else n // world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()[: self.per_rank * self.world]
+        else:  # evaluation: pad by repeating so every rank gets the same count; duplicates dropped later
+            order = list(range(self.n))
+            order += order[: self.per_rank * self.world - self.n]
+        return iter(self.epoch * self.n + i for i in order[self.rank :: self.world])
+
+
+class SeededFilms(Dataset):
+    """Wraps a FilmDataset: decodes `epoch * n + index` and seeds that film's augmentation."""
+
+    def __init__(self, inner: Dataset, seed: int):
+        self.inner, self.seed = inner, seed
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key: int):
+        epoch, i = divmod(int(key), len(self.inner))
+        torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % (2**63))
+        x, y = self.inner[i]
+        return x, y, i
+
+
+def default_precision(accelerator: str) -> str:
+    """AMP on GPUs (bf16 where supported, else fp16); on CPUs bf16 autocast only where the CPU computes
+    bf16 natively, fp32 elsewhere (emulated bf16 is slower than fp32, see config.cpu_has_fast_bf16)."""
+    from cxr.config import cpu_has_fast_bf16
+
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def resolve_workers(requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "data" else v)
+            for k, v in asdict(cfg).items()}
+
+
+def steps_per_epoch(n_train: int, batch_size: int, world: int) -> int:
+    return max(1, (n_train // world) // batch_size)
+
+
+@dataclass
+class Prepared:
+    """Everything `fit` needs to know about the data, decided once and saved as split.json."""
+
+    train: Dataset
+    val: Dataset
+    n_train: int
+    class_names: list[str]
+    task: str
+    softmax: bool
+    class_weights: np.ndarray | None
+    pos_weight: np.ndarray | None
+    split: dict
+
+
+def _subset(sources, names: set[str], lookup: dict[str, int], targets: np.ndarray, transform):
+    from torch.utils.data import ConcatDataset
+
+    from cxr.datasets import FilmDataset
+
+    parts = []
+    for films in sources:
+        mine = sorted(n for n in films.names if n in names)
+        if mine:
+            parts.append(FilmDataset(films, mine, targets[[lookup[n] for n in mine]], transform))
+    return ConcatDataset(parts) if parts else None
+
+
+def prepare_data(cfg: TrainConfig, mean, std) -> Prepared:
+    """Labels from the metadata, joined by file name to the films found under every --data source."""
+    from cxr import nih
+    from cxr.datasets import open_films
+    from cxr.errors import DataError
+    from cxr.transforms import eval_transform, train_transform
+
+    table = nih.read_metadata(cfg.metadata)
+    sources = [open_films(p) for p in cfg.data]
+    present = set().union(*(set(s.names) for s in sources))
+    task = nih.select_task(table, cfg.task)
+    keep = task.df["image"].isin(present).to_numpy().copy()
+    if cfg.max_films:
+        keep &= np.cumsum(keep) <= cfg.max_films
+    df, targets = task.df[keep].reset_index(drop=True), np.asarray(task.targets)[keep]
+    if len(df) < 4:
+        raise DataError(f"only {len(df)} of the films under {', '.join(map(str, cfg.data))} are in "
+                        f"{cfg.metadata} for task {cfg.task!r}; check --data and --metadata")
+    lists = None
+    if cfg.split == "official":
+        lists = nih.read_official_lists(cfg.lists or Path(cfg.metadata).parent, known=table["image"])
+    split = nih.make_split(df, cfg.split, seed=cfg.seed, val=cfg.val_fraction, test=cfg.test_fraction,
+                           lists=lists)
+    lookup = {n: i for i, n in enumerate(df["image"])}
+    aug = train_transform(cfg.size, mean, std) if cfg.augment else eval_transform(cfg.size, mean, std)
+    train = _subset(sources, set(split.train), lookup, targets, aug)
+    val = _subset(sources, set(split.val), lookup, targets, eval_transform(cfg.size, mean, std))
+    if train is None or val is None:
+        raise DataError(f"the {cfg.split} split left no training or no validation films among {len(df)}; "
+                        "give more films or a larger --val-fraction")
+    rows = [lookup[n] for n in split.train]
+    train_task = nih.TaskData(cfg.task, df.iloc[rows], targets[rows], task.class_names)
+    softmax = not train_task.multilabel
+    weights = nih.class_weights(train_task)
+    return Prepared(
+        train=SeededFilms(train, cfg.seed), val=SeededFilms(val, cfg.seed), n_train=len(train),
+        class_names=list(task.class_names), task=cfg.task, softmax=softmax,
+        class_weights=np.array([weights[c] for c in task.class_names]) if softmax else None,
+        pos_weight=None if softmax else nih.pos_weight(train_task.targets),
+        split={"kind": split.kind, "seed": split.seed, "sizes": split.sizes(),
+               "patient_overlap": split.patient_overlap,
+               "train": list(split.train), "val": list(split.val), "test": list(split.test)},
+    )
+
+
+def _loader_factory(data: Prepared, cfg: TrainConfig):
+    from torch.utils.data import DataLoader
+
+    workers = resolve_workers(cfg.workers)
+
+    def make(stage: str, rank: int, world: int) -> DataLoader:
+        ds = data.train if stage == "train" else data.val
+        sampler = EpochSampler(len(ds), cfg.seed, shuffle=stage == "train", rank=rank, world=world)
+        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          drop_last=stage == "train" and len(sampler) > cfg.batch_size)
+
+    return make
+
+
+def _trainer(cfg: TrainConfig):
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from cxr.callbacks import AtomicLastCheckpoint, EpochCSV
+
+    n_dev = int(cfg.devices) if str(cfg.devices).isdigit() else 1
+    bar = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=10)
+    precision = default_precision(cfg.accelerator) if cfg.precision == "auto" else cfg.precision
+    return L.Trainer(
+        default_root_dir=cfg.out, max_epochs=cfg.epochs + cfg.head_epochs, accelerator=cfg.accelerator,
+        devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision,
+        deterministic="warn", benchmark=False, use_distributed_sampler=False, logger=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        sync_batchnorm=n_dev * cfg.num_nodes > 1, enable_progress_bar=cfg.progress,
+        callbacks=[AtomicLastCheckpoint(cfg.out / "last.ckpt"), EpochCSV(cfg.out / "metrics.csv", cfg.epochs)]
+        + ([bar] if cfg.progress else []),
+    )
+
+
+def fit(cfg: TrainConfig) -> Path:
+    """Train, checkpointing every epoch; returns the final cxr checkpoint (model.safetensors)."""
+    import json
+
+    import lightning as L
+
+    from cxr import model as M
+    from cxr.errors import CxrError
+    from cxr.findings import NORMALISATIONS
+    from cxr.learner import Learner
+    from cxr.losses import make_loss
+
+    cfg.out = Path(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    last = cfg.out / "last.ckpt"
+    if cfg.resume and not last.exists():
+        raise CxrError(f"--resume: no checkpoint at {last}; start without --resume")
+    if last.exists() and not cfg.resume:
+        raise CxrError(f"{last} exists: add --resume to continue that run, or pick a new --out")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    norm = M.default_normalisation(cfg.arch)
+    mean, std = NORMALISATIONS[norm]
+    data = prepare_data(cfg, mean, std)
+    net = M.build(cfg.arch, len(data.class_names), weights=cfg.weights, dropout=cfg.dropout)
+    loss = make_loss(cfg.loss, cfg.task, class_weights=data.class_weights, pos_weight=data.pos_weight)
+    learner = Learner(net, loss, lr=cfg.lr, head_lr=cfg.head_lr or cfg.lr / 10, weight_decay=cfg.weight_decay,
+                      epochs=cfg.epochs, head_epochs=cfg.head_epochs, seed=cfg.seed, softmax=data.softmax,
+                      loaders=_loader_factory(data, cfg), channels_last=cfg.channels_last)
+    trainer = _trainer(cfg)
+    trainer.fit(learner, ckpt_path=last if cfg.resume else None)
+    final = cfg.out / "model.safetensors"
+    if trainer.is_global_zero:
+        (cfg.out / "split.json").write_text(json.dumps(data.split, indent=1))
+        meta = final_meta(cfg, data, norm, learner.val_outputs)
+        M.save(final, learner.model.to(memory_format=torch.contiguous_format).float(), meta)
+    return final
+
+
+def final_meta(cfg: TrainConfig, data: Prepared, norm: str, val_outputs):
+    """The checkpoint's metadata: thresholds by Youden's J on validation, validation metrics, provenance."""
+    import platform
+
+    import lightning
+    import torchvision
+
+    import cxr
+    from cxr import metrics
+    from cxr.findings import NORMALISATIONS
+    from cxr.model import ModelMeta
+
+    names = data.class_names
+    thresholds = {n: 0.5 for n in names}
+    summary: dict = {}
+    if val_outputs is not None:
+        y, p = val_outputs
+        cols = slice(1, None) if data.softmax else slice(None)
+        outs = names[cols]
+        youden = metrics.youden_thresholds(y[:, cols], p[:, cols])
+        thresholds.update({n: float(t) for n, t in zip(outs, youden) if np.isfinite(t)})
+        summary = metrics.summarize(y[:, cols], p[:, cols], outs, thresholds=[thresholds[n] for n in outs])
+        summary["subset"] = "validation"
+    mean, std = NORMALISATIONS[norm]
+    return ModelMeta(
+        arch=cfg.arch, task=cfg.task, outputs=names, activation="softmax" if data.softmax else "sigmoid",
+        input_size=cfg.size, normalisation=norm, mean=mean, std=std, thresholds=thresholds,
+        metrics=summary,
+        provenance={
+            "command": cfg.command, "config": config_dict(cfg),
+            "split": {k: v for k, v in data.split.items() if k not in ("train", "val", "test")},
+            "n_train": data.n_train, "versions": {"cxr": cxr.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "lightning": lightning.__version__,
+            "python": platform.python_version()},
+        },
+    )

@@ -1,0 +1,130 @@
+"""Training end to end at tiny size: checkpoints, resume after kill -9, 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxr.model import load
+
+CXR = [sys.executable, "-m", "cxr"]
+
+
+def tiny_args(images: Path, metadata: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(images), "--metadata", str(metadata), "--out", str(out),
+        "--arch", "efficientnet_lite0", "--weights", "imagenet", "--size", "64", "--batch-size", "8",
+        "--max-films", "96", "--workers", "0", "--no-progress", "--seed", "3", *extra,
+    ]
+
+
+def run_cxr(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([*CXR, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(path)).items()}
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, images_512, metadata_csv) -> Path:
+    """An uninterrupted 3-epoch run (2 end-to-end + 1 head-only) that the other tests compare with."""
+    out = tmp_path_factory.mktemp("baseline")
+    run_cxr(tiny_args(images_512, metadata_csv, out, "--epochs", "2", "--head-epochs", "1"))
+    return out
+
+
+def test_train_writes_checkpoint_metrics_and_split(baseline: Path):
+    model, meta = load(baseline / "model.safetensors")
+    assert meta.arch == "efficientnet_lite0" and meta.input_size == 64 and len(meta.outputs) == 14
+    assert set(meta.thresholds) == set(meta.outputs)
+    assert meta.provenance["split"]["kind"] == "patient"
+    assert meta.provenance["split"]["patient_overlap"] == {"train-val": 0, "train-test": 0, "val-test": 0}
+    assert "cxr train" in meta.provenance["command"] or "train" in meta.provenance["command"]
+    assert meta.metrics["n_images"] == len(json.loads((baseline / "split.json").read_text())["val"])
+    rows = list(csv.DictReader(open(baseline / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["phase"] for r in rows] == ["end-to-end", "end-to-end", "head"]
+    assert float(rows[2]["lr_body"]) == 0.0  # phase 2 trains the head only
+    split = json.loads((baseline / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"])
+
+
+def test_head_phase_leaves_the_body_untouched(baseline: Path, tmp_path, images_512, metadata_csv):
+    """Phase 2 freezes the body: its weights after epoch 3 equal those after epoch 2."""
+    out = tmp_path / "two"
+    run_cxr(tiny_args(images_512, metadata_csv, out, "--epochs", "2", "--head-epochs", "0"))
+    final, after_phase1 = weights(baseline / "model.safetensors"), weights(out / "model.safetensors")
+    body = [k for k in final if k.startswith("body.")]
+    head = [k for k in final if k.startswith("head.") and final[k].is_floating_point()]
+    assert all(torch.equal(final[k], after_phase1[k]) for k in body)
+    assert any(not torch.equal(final[k], after_phase1[k]) for k in head)
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(baseline: Path, tmp_path, images_512, metadata_csv):
+    out = tmp_path / "killed"
+    args = tiny_args(images_512, metadata_csv, out, "--epochs", "2", "--head-epochs", "1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*CXR, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 600
+    while not (out / "last.ckpt").exists():  # written atomically at the end of epoch 1
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # during epoch 2
+    proc.wait()
+    epochs_done = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)["epoch"]
+    assert not (out / "model.safetensors").exists()
+    run_cxr([*args, "--resume"])
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"], f"killed after epoch index {epochs_done}"
+    # On CPU every kernel used here is deterministic: the resumed run must retrace the same path exactly.
+    assert max_abs_diff(weights(out / "model.safetensors"), weights(baseline / "model.safetensors")) == 0.0
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(baseline: Path, tmp_path, images_512, metadata_csv):
+    from typer.testing import CliRunner
+
+    from cxr.cli import app
+
+    again = CliRunner().invoke(app, tiny_args(images_512, metadata_csv, baseline, "--epochs", "1"))
+    assert again.exit_code != 0 and "--resume" in str(again.exception)
+    nothing = CliRunner().invoke(app, [*tiny_args(images_512, metadata_csv, tmp_path / "new"), "--resume"])
+    assert nothing.exit_code != 0 and "no checkpoint" in str(nothing.exception)
+
+
+DDP_TOLERANCE = 1e-4  # fp32; the only difference is the order of floating-point sums across ranks
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path, images_512, metadata_csv):
+    """2 CPU processes (gloo) at batch 4 each == 1 process at batch 8: same films per step, BN synced."""
+    common = ["--epochs", "2", "--precision", "32-true", "--no-augment", "--dropout", "0",
+              "--accelerator", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cxr(tiny_args(images_512, metadata_csv, one, *common, "--devices", "1"))
+    args = tiny_args(images_512, metadata_csv, two, *common, "--devices", "2", "--strategy", "ddp")
+    args[args.index("--batch-size") + 1] = "4"
+    run_cxr(args)
+    diff = max_abs_diff(weights(one / "model.safetensors"), weights(two / "model.safetensors"))
+    assert diff < DDP_TOLERANCE, diff
+    initial = weights(one / "model.safetensors")
+    assert any(float(v.abs().sum()) > 0 for k, v in initial.items() if k.startswith("head."))
