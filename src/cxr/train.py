@@ -52,7 +52,7 @@ class TrainConfig:
     max_films: int | None = None
     resume: bool = False
     progress: bool = True
-    command: str = field(default_factory=lambda: " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    command: str = field(default_factory=lambda: " ".join(["cxr", *sys.argv[1:]]))
 
 
 class EpochSampler(Sampler[int]):
@@ -227,7 +227,9 @@ def _trainer(cfg: TrainConfig):
         devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision,
         deterministic="warn", benchmark=False, use_distributed_sampler=False, logger=False,
         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
-        sync_batchnorm=n_dev * cfg.num_nodes > 1, enable_progress_bar=cfg.progress,
+        # SyncBatchNorm needs GPUs; on CPU each process normalises over its own share of the batch.
+        sync_batchnorm=n_dev * cfg.num_nodes > 1 and cfg.accelerator != "cpu" and torch.cuda.is_available(),
+        enable_progress_bar=cfg.progress,
         callbacks=[AtomicLastCheckpoint(cfg.out / "last.ckpt"), EpochCSV(cfg.out / "metrics.csv", cfg.epochs)]
         + ([bar] if cfg.progress else []),
     )
@@ -253,10 +255,11 @@ def fit(cfg: TrainConfig) -> Path:
     if last.exists() and not cfg.resume:
         raise CxrError(f"{last} exists: add --resume to continue that run, or pick a new --out")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # The network first, straight after seeding: its initial weights depend on the seed alone.
+    net = M.build(cfg.arch, 2 if cfg.task == "pneumothorax" else 14, weights=cfg.weights, dropout=cfg.dropout)
     norm = M.default_normalisation(cfg.arch)
     mean, std = NORMALISATIONS[norm]
     data = prepare_data(cfg, mean, std)
-    net = M.build(cfg.arch, len(data.class_names), weights=cfg.weights, dropout=cfg.dropout)
     loss = make_loss(cfg.loss, cfg.task, class_weights=data.class_weights, pos_weight=data.pos_weight)
     learner = Learner(net, loss, lr=cfg.lr, head_lr=cfg.head_lr or cfg.lr / 10, weight_decay=cfg.weight_decay,
                       epochs=cfg.epochs, head_epochs=cfg.head_epochs, seed=cfg.seed, softmax=data.softmax,
