@@ -1,0 +1,34 @@
+import numpy as np
+
+from cxr import metrics, modelcard
+from cxr.findings import DISPLAY_NAMES, FINDINGS
+from cxr.model import ModelMeta
+
+
+def _meta() -> ModelMeta:
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 14)) < 0.3).astype(np.uint8)
+    p = np.clip(y * 0.3 + rng.random((60, 14)) * 0.7, 0, 1).astype(np.float32)
+    summary = metrics.summarize(y, p, FINDINGS, n_boot=50)
+    return ModelMeta(arch="efficientnet_lite0", task="multilabel", outputs=list(FINDINGS), activation="sigmoid",
+                     normalisation="lite", metrics=summary,
+                     provenance={"command": "cxr train --data X", "split": {"kind": "patient", "seed": 0}})
+
+
+def test_card_states_data_metrics_use_and_not_for_clinical_use():
+    meta = _meta()
+    text = modelcard.render(meta)
+    assert "Not for clinical use" in text
+    assert "cxr train --data X" in text and "`patient`" in text
+    assert f"Macro AUC {meta.metrics['macro_auc']:.3f}" in text
+    for f in FINDINGS:
+        auc = meta.metrics["per_finding"][f]["auc"]
+        assert f"| {DISPLAY_NAMES[f]} | " in text and f"{auc:.2f}" in text
+    assert "Intended use" in text and "Limitations" in text
+
+
+def test_summary_is_what_the_page_shows():
+    s = modelcard.summary(_meta())
+    assert s["not_for_clinical_use"] is True
+    assert set(s["per_finding_auc"]) == set(FINDINGS)
+    assert s["macro_auc_ci"] is not None and len(s["macro_auc_ci"]) == 2
