@@ -327,13 +327,21 @@ class ModelMeta:
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin"}
 
 
-def save(path: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> Path:
-    """Write model + meta as one .safetensors file, atomically (a reader never sees half a file)."""
+EXTRA = "extra."  # key prefix of tensors stored beside the network (e.g. the gate's statistics)
+
+
+def save(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
+         extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model + meta as one .safetensors file, atomically (a reader never sees half a file).
+
+    extra: further named tensors, stored under "extra.NAME"; `load` ignores them, `load_extra` reads them.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     # contiguous + clone: channels_last weights are strided and safetensors refuses tensors sharing storage.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors.update({EXTRA + k: torch.as_tensor(v).detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt", "cxr": meta.to_json()})
@@ -359,7 +367,7 @@ def _read_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[di
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(EXTRA)}  # network only
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
         with open(path, "rb") as f:
             start = f.read(2)
@@ -382,6 +390,20 @@ def _load_from_checkpoint(model: CxrNet, path: Path) -> None:
         own = model.state_dict()
         tensors = {k: (own[k] if k.startswith(last) else v) for k, v in tensors.items()}
     _load_strict(model, tensors, str(path))
+
+
+def load_extra(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The extra tensors saved with `save(..., extra=)`, by name (without the prefix); {} when there are none."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k[len(EXTRA):]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA)}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise ModelError(f"{path} is not a readable .safetensors checkpoint ({e})") from None
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[CxrNet, ModelMeta]:
