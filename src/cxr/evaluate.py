@@ -171,56 +171,43 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
     second checkpoint scored on the same films (Fig. 21). Metrics use the model's stored thresholds.
     """
     from cxr import metrics, report
-    from cxr.datasets import open_films
     from cxr.model import load_model
 
     if subset not in SUBSETS:
         raise CxrError(f"unknown subset {subset!r}; expected one of {', '.join(SUBSETS)}")
     model, meta = load_model(model_spec)
-    films = open_films(data)
-    notes: list[str] = []
-    df, targets, task, unknown = _labelled_films(films, metadata, meta, task, notes)
-    if split is not None and subset != "all":
-        chosen = _split_names(df, meta, split, subset, seed, metadata, lists)
-        keep = df["image"].isin(chosen).to_numpy()
-        df, targets = df[keep].reset_index(drop=True), targets[keep]
-    if len(df) == 0:
-        raise DataError(f"no labelled films to evaluate under {data} (task {task}, split {split}, subset {subset}); "
-                        "check --data, --metadata and the split")
-    names = list(df["image"])
-    y, findings, thresholds, cols = _truth(df, targets, meta)
-
-    def run(m, mt):
-        tick = (lambda done: progress(done, len(names))) if progress else None
-        return scores(m, mt, films, names, batch_size, device=device, workers=workers, bf16=bf16,
-                      skip_unreadable=True, progress=tick)[:, cols]
-
-    p = run(model, meta)
-    info = model_info(model_spec, meta)
-    p_b = info_b = None
+    model_b = meta_b = None
     if compare is not None:
         model_b, meta_b = load_model(compare)
         if meta_b.outputs != meta.outputs:
             raise CxrError(f"--compare model {compare} has outputs {meta_b.outputs}, not {meta.outputs}")
-        p_b, info_b = run(model_b, meta_b), model_info(compare, meta_b)
-    ok = np.isfinite(p).all(axis=1) & (np.isfinite(p_b).all(axis=1) if p_b is not None else True)
-    if not ok.all():
-        bad = [n for n, g in zip(names, ok) if not g]
-        notes.append(f"{len(bad)} films could not be read and were skipped: {', '.join(bad[:_LISTED])}")
-    names, y, p = [n for n, g in zip(names, ok) if g], y[ok], p[ok]
+    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    notes: list[str] = []
+    parts = [_score_source(s, metadata, model, meta, model_b, meta_b, task, split, subset, seed, lists, notes,
+                           batch_size=batch_size, device=device, workers=workers, bf16=bf16, progress=progress)
+             for s in sources]
+    # Several sources (e.g. the same films at 512 and 64 px) are pooled in the order given, as cxr train does.
+    names = [n for part in parts for n in part["names"]]
     if not names:
-        raise DataError(f"none of the {len(ok)} films under {data} could be read")
-
+        raise DataError(f"none of the labelled films under {', '.join(map(str, sources))} could be read")
+    y, p = np.concatenate([part["y"] for part in parts]), np.concatenate([part["p"] for part in parts])
+    p_b = np.concatenate([part["p_b"] for part in parts]) if model_b is not None else None
+    findings, thresholds, task = parts[0]["findings"], parts[0]["thresholds"], parts[0]["task"]
+    info = model_info(model_spec, meta)
+    info_b = model_info(compare, meta_b) if model_b is not None else None
+    ok_all = sum(part["n_unreadable"] for part in parts)
+    unknown = sum(part["n_unknown"] for part in parts)
+    films_found = sum(part["n_found"] for part in parts)
+    data = ", ".join(map(str, sources))
     summary = metrics.summarize(y, p, findings, thresholds, n_boot=n_boot, seed=boot_seed)
     summary["notes"] = notes + summary["notes"]
     summary["model"] = info
     summary["data"] = {"path": str(data), "metadata": str(metadata), "task": task, "split": split,
-                       "subset": subset if split else "all", "seed": seed, "n_films_found": len(films.names),
-                       "n_not_in_metadata": len(unknown), "n_unreadable": int((~ok).sum()),
+                       "subset": subset if split else "all", "seed": seed, "n_films_found": films_found,
+                       "n_not_in_metadata": unknown, "n_unreadable": ok_all,
                        "thresholds": "stored in the model (Youden thresholds on these films are reported too)"}
     labels = (_label(info), _label(info_b)) if info_b else ("model", "comparison")
     if p_b is not None:
-        p_b = p_b[ok]
         t_b = [meta_b.thresholds[f] for f in findings]
         summary["compare"] = {"model": info_b, "labels": list(labels),
                               "summary": metrics.summarize(y, p_b, findings, t_b, n_boot=n_boot, seed=boot_seed)}
@@ -229,6 +216,38 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
     _write_scores(out / "scores.csv", names, findings, y, p)
     made = report.write_report(out, y, p, summary, compare=p_b, labels=labels)
     return json.loads(made["json"].read_text())
+
+
+def _score_source(data, metadata, model, meta, model_b, meta_b, task, split, subset, seed, lists, notes,
+                  **kw) -> dict:
+    """Labels and probabilities for the films of one --data source (skipped films are noted)."""
+    from cxr.datasets import open_films
+
+    films = open_films(data)
+    df, targets, task, unknown = _labelled_films(films, metadata, meta, task, notes)
+    if split is not None and subset != "all":
+        chosen = _split_names(df, meta, split, subset, seed, metadata, lists)
+        keep = df["image"].isin(chosen).to_numpy()
+        df, targets = df[keep].reset_index(drop=True), targets[keep]
+    names = list(df["image"])
+    y, findings, thresholds, cols = _truth(df, targets, meta)
+    progress = kw.pop("progress", None)
+    tick = (lambda done: progress(done, len(names))) if progress else None
+
+    def run(m, mt):
+        if not names:
+            return np.empty((0, len(findings)), dtype=np.float32)
+        return scores(m, mt, films, names, skip_unreadable=True, progress=tick, **kw)[:, cols]
+
+    p = run(model, meta)
+    p_b = run(model_b, meta_b) if model_b is not None else None
+    ok = np.isfinite(p).all(axis=1) & (np.isfinite(p_b).all(axis=1) if p_b is not None else True)
+    if not ok.all():
+        bad = [n for n, g in zip(names, ok) if not g]
+        notes.append(f"{len(bad)} films under {data} could not be read and were skipped: {', '.join(bad[:_LISTED])}")
+    return {"names": [n for n, g in zip(names, ok) if g], "y": y[ok], "p": p[ok],
+            "p_b": p_b[ok] if p_b is not None else None, "findings": findings, "thresholds": thresholds,
+            "task": task, "n_unreadable": int((~ok).sum()), "n_unknown": len(unknown), "n_found": len(films.names)}
 
 
 def _write_scores(path: Path, names, findings, y, p) -> None:

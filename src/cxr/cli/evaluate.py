@@ -23,7 +23,7 @@ class Precision(str, enum.Enum):
 
 def evaluate(
     model: Optional[Path] = typer.Option(None, "--model", help="A cxr .safetensors checkpoint; default: the bundled model."),
-    data: Path = typer.Option(..., "--data", help="A folder of films (any resolution) or a `cxr prepare` cache."),
+    data: list[Path] = typer.Option(..., "--data", help="A folder of films (any resolution) or a `cxr prepare` cache; repeat to pool several, as `cxr train` does."),
     metadata: Path = typer.Option(..., "--metadata", help="Data_Entry_2017[_v2020].csv[.gz]: labels joined by file name."),
     out: Path = typer.Option(..., "--out", help="Folder for report.html, report.json, figures, tables, scores.csv."),
     split: Optional[str] = typer.Option(
