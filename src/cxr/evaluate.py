@@ -130,6 +130,11 @@ def _split_names(df, meta, split: str, subset: str, seed: int | None, metadata, 
     """The subset's film names: from a training run's split.json, or re-made the way `cxr train` makes it."""
     from cxr import nih
 
+    if split == "model":  # the film names the checkpoint recorded for this subset (the bundled model does)
+        recorded = (meta.provenance.get("split") or {}).get(subset)
+        if not recorded:
+            raise CxrError(f"the model records no {subset!r} film names; pass the run's split.json as --split")
+        return set(recorded)
     if split.endswith(".json"):
         try:
             return set(json.loads(Path(split).read_text())[subset])

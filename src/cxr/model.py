@@ -345,6 +345,7 @@ def save(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt", "cxr": meta.to_json()})
+        os.chmod(tmp, 0o644)  # safetensors writes 0600; a model is meant to be shared (and packaged)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

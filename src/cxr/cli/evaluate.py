@@ -28,7 +28,7 @@ def evaluate(
     out: Path = typer.Option(..., "--out", help="Folder for report.html, report.json, figures, tables, scores.csv."),
     split: Optional[str] = typer.Option(
         None, "--split", help="patient | official | random (re-made as `cxr train` makes it on these films), "
-        "or a training run's split.json (exact); default: every labelled film."),
+        "a training run's split.json (exact), or model (the names the checkpoint records, e.g. the bundled model's); default: every labelled film."),
     subset: Subset = typer.Option(Subset.val, "--subset", help="Which part of --split to evaluate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of --split; default: the model's training seed."),
     task: Optional[str] = typer.Option(
