@@ -13,4 +13,4 @@ run: setup
 	LD_PRELOAD=$(TCMALLOC) .venv/bin/cxr serve --host $(HOST) --port $(PORT)
 
 test: setup
-	LD_PRELOAD=$(TCMALLOC) .venv/bin/python -m pytest $(PYTEST_ARGS)
+	LD_PRELOAD=$(TCMALLOC) .venv/bin/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)

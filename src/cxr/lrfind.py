@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.train import TrainConfig, default_precision, prepare_data, _loader_factory
+from cxr.train import TrainConfig, _loader_factory, default_channels_last, default_precision, prepare_data
 
 PAPER_WEIGHT_DECAYS = (0.0, 1e-1, 1e-3, 1e-5)
 
@@ -39,7 +39,8 @@ def lr_find(cfg: TrainConfig, weight_decays=PAPER_WEIGHT_DECAYS, min_lr: float =
         loss = make_loss(cfg.loss, cfg.task, class_weights=data.class_weights, pos_weight=data.pos_weight)
         learner = Learner(net, loss, lr=min_lr, head_lr=min_lr, weight_decay=wd, epochs=1, head_epochs=0,
                           seed=cfg.seed, softmax=data.softmax, loaders=_loader_factory(data, cfg),
-                          channels_last=cfg.channels_last)
+                          channels_last=default_channels_last(cfg.accelerator) if cfg.channels_last is None
+                          else cfg.channels_last)
         trainer = L.Trainer(default_root_dir=cfg.out, accelerator=cfg.accelerator, devices=1,
                             precision=precision, logger=False, enable_checkpointing=False,
                             enable_progress_bar=cfg.progress, max_epochs=max(1, -(-steps // max(1, len(
