@@ -1,0 +1,248 @@
+"""`cxr predict`, `cxr export` and `cxr gate-fit`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cxr.errors import CxrError
+
+MODEL_HELP = "A cxr checkpoint (.safetensors); default: the bundled model."
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def collect(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(path, key) for every film named or found (recursively) under a folder, sorted by key.
+
+    key: the path relative to the folder it was found in (as typed, for a file named directly), in
+    '/' form: what --shard hashes, so shards agree across machines that mount the data elsewhere.
+    A named file is always taken (its content decides what it is); in folders, films by suffix or DICOM
+    magic, hidden files and folders skipped.
+    """
+    from cxr.cache import FILM_SUFFIXES
+
+    found: dict[str, Path] = {}
+    for root in paths:
+        if not root.is_dir():
+            found.setdefault(Path(root).as_posix(), root)
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                path = Path(dirpath) / name
+                film = path.suffix.lower() in FILM_SUFFIXES or (not path.suffix and _looks_like_dicom(path))
+                if name.startswith(".") or not film:
+                    continue
+                key = path.relative_to(root).as_posix()
+                if key in found:  # the same relative path under two folders: tell them apart in full
+                    key = path.as_posix()
+                found.setdefault(key, path)
+    return sorted(((p, k) for k, p in found.items()), key=lambda pk: pk[1])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise CxrError(f"--shard {text!r}: expected i/n, e.g. 0/4 (shards are numbered 0 to n-1)") from None
+    if n < 1 or not 0 <= i < n:
+        raise CxrError(f"--shard {text!r}: need n >= 1 and 0 <= i < n (shards are numbered 0 to n-1)")
+    return i, n
+
+
+def in_shard(key: str, i: int, n: int) -> bool:
+    """Deterministic, machine-independent: the SHA-1 of the key modulo n."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16) % n == i
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+
+class _CsvWriter:
+    def __init__(self, stream, findings: list[str]):
+        import csv
+
+        self.findings, self.w = findings, csv.writer(stream, lineterminator="\n")
+        self.w.writerow(["file", "status", "message", *findings, *(f"{f}_positive" for f in findings)])
+
+    def write(self, key: str, pred) -> None:
+        probs = [f"{pred.probabilities[f]:.6f}" if pred.probabilities else "" for f in self.findings]
+        flags = [str(int(pred.positive[f])) if pred.positive else "" for f in self.findings]
+        self.w.writerow([key, pred.status, pred.message, *probs, *flags])
+
+    def close(self) -> None:
+        pass
+
+
+class _JsonWriter:
+    """A JSON array written one object at a time, so a long run's output survives an interruption up to it."""
+
+    def __init__(self, stream):
+        self.stream, self.first = stream, True
+        stream.write("[")
+
+    def write(self, key: str, pred) -> None:
+        import json
+
+        self.stream.write(("\n" if self.first else ",\n") + json.dumps({"file": key, **pred.to_dict()}))
+        self.first = False
+
+    def close(self) -> None:
+        self.stream.write("\n]\n")
+
+
+def _save_heatmaps(folder: Path, key: str, path: Path, pred) -> None:
+    """One overlay PNG per finding: FOLDER/<key without suffix>/<Finding>.png (never outside FOLDER)."""
+    from PIL import Image
+
+    from cxr import explain, images
+
+    rel = Path(key).with_suffix("")
+    target = folder.joinpath(*(part for part in rel.parts if part not in ("..", ".", rel.anchor)))
+    target.mkdir(parents=True, exist_ok=True)
+    gray = images.read_image(path)
+    for finding, heat in pred.heatmaps.items():
+        Image.fromarray(explain.overlay(gray, heat)).save(target / f"{explain.file_stem(finding)}.png")
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+
+def predict(
+    paths: list[Path] = typer.Argument(..., help="Films (PNG, JPEG, DICOM) and folders of them (searched recursively)."),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    fmt: str = typer.Option("csv", "--format", help="csv | json"),
+    out: Optional[Path] = typer.Option(None, help="File to write (default: standard output)."),
+    shard: Optional[str] = typer.Option(None, help="i/n: read only shard i (0-based) of n, e.g. one per machine."),
+    batch_size: int = typer.Option(16, help="Films per forward pass."),
+    backend: str = typer.Option("auto", help="auto | onnx | torch"),
+    threads: Optional[int] = typer.Option(None, help="Compute threads (default: one per core)."),
+    heatmaps: Optional[Path] = typer.Option(None, help="Folder for Grad-CAM overlays, one PNG per film and finding."),
+    heatmap_findings: str = typer.Option("all", help="With --heatmaps: 'all' or a comma list of findings."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on standard error."),
+) -> None:
+    """Read films: one row per film with its status, then each finding's probability and positive flag.
+
+    A film that cannot be read or that the gate refuses gives a row with its reason and no probabilities.
+    """
+    from cxr.predict import Predictor
+
+    if fmt not in ("csv", "json"):
+        raise CxrError(f"--format {fmt!r}: expected csv or json")
+    films = collect(paths)
+    if shard:
+        i, n = parse_shard(shard)
+        films = [(p, k) for p, k in films if in_shard(k, i, n)]
+    if not films:
+        raise CxrError("no films found: give PNG, JPEG or DICOM files or folders that hold them")
+    predictor = Predictor(model, backend=backend, batch_size=batch_size, threads=threads)
+    if not predictor.gate.fitted:
+        typer.echo("warning: this model has no fitted gate; only the image checks screen out non-films "
+                   "(fit one with `cxr gate-fit`)", err=True)
+    wanted = False if heatmaps is None else True if heatmap_findings.strip().lower() == "all" else \
+        [f.strip() for f in heatmap_findings.split(",") if f.strip()]
+    counts = _run(predictor, films, fmt, out, wanted, heatmaps, progress)
+    where = f"; wrote {out}" if out else ""
+    typer.echo(f"{len(films)} films: {counts['ok']} read, {counts['refused']} refused by the gate, "
+               f"{counts['error']} unreadable{where}", err=True)
+
+
+def _bar(label: str, show: bool):
+    """A rich progress bar on standard error, drawn only on a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                    disable=not (show and console.is_terminal))
+
+
+def _run(predictor, films, fmt, out, wanted, heatmap_dir, show) -> dict[str, int]:
+    counts = {"ok": 0, "refused": 0, "error": 0}
+    stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115 - closed below
+    bar = _bar("reading films", show and len(films) > 1)
+    try:
+        writer = _CsvWriter(stream, predictor.findings) if fmt == "csv" else _JsonWriter(stream)
+        with bar:
+            task = bar.add_task("predict", total=len(films))
+            preds = predictor.iter_predict([p for p, _ in films], names=[k for _, k in films], heatmaps=wanted,
+                                           progress=lambda n: bar.advance(task, n))
+            for (path, key), pred in zip(films, preds):
+                counts[pred.status] += 1
+                if pred.heatmaps:
+                    _save_heatmaps(heatmap_dir, key, path, pred)
+                writer.write(key, pred)
+        writer.close()
+    finally:
+        if out:
+            stream.close()
+    return counts
+
+
+def export_cmd(
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    fmt: str = typer.Option("onnx", "--format", help="onnx"),
+    out: Path = typer.Option(..., help="File to write, e.g. cxr.onnx."),
+) -> None:
+    """Export the model for ONNX Runtime: dynamic batch, outputs 'logits' and 'features', metadata inside."""
+    from cxr import export
+
+    typer.echo(f"wrote {export.export(model, out, fmt)}")
+
+
+def gate_fit(
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    data: list[Path] = typer.Option(..., "--data", help="Folder of real frontal films; repeat for several."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint to write (default: update --model in place)."),
+    percentile: float = typer.Option(99.0, help="Percentile of the calibration films' distances ..."),
+    margin: float = typer.Option(1.1, help="... times this factor is the threshold."),
+    dims: int = typer.Option(64, help="Principal directions whitened (the rest is one residual term)."),
+    calibration_fraction: float = typer.Option(0.35, help="Share of films held out of the fit to set the threshold."),
+    max_films: int = typer.Option(4000, help="Use at most this many films (a fixed sample by hashed name)."),
+    batch_size: int = typer.Option(16),
+    backend: str = typer.Option("auto", help="auto | onnx | torch"),
+) -> None:
+    """Fit the not-a-chest-X-ray gate on real films and store it in the checkpoint."""
+    import dataclasses
+
+    from cxr import config, gate
+    from cxr import model as M
+    from cxr.predict import Predictor
+
+    source = model if model is not None else config.BUNDLED_MODEL
+    films = [p for p, _ in collect(data)]
+    if not films:
+        raise CxrError("no films found under --data: give folders of PNG, JPEG or DICOM frontal films")
+    predictor = Predictor(source, backend=backend, batch_size=batch_size)
+    with _bar("fitting the gate", True) as bar:
+        task = bar.add_task("fit", total=min(len(films), max_films or len(films)))
+        gate_meta, tensors = gate.fit(predictor, films, dims=dims, percentile=percentile, margin=margin,
+                                      calibration_fraction=calibration_fraction, max_films=max_films,
+                                      progress=lambda n: bar.advance(task, n))
+    net, meta = M.load(source)
+    extra = {k: v for k, v in M.load_extra(source).items() if not k.startswith(gate.Stats.PREFIX)}
+    target = M.save(out or source, net, dataclasses.replace(meta, gate=gate_meta), extra={**extra, **tensors})
+    typer.echo(f"gate fitted on {gate_meta['fit_films']} films, threshold {gate_meta['threshold']:.3f} from "
+               f"{gate_meta['calibration_films']} held-out films ({gate_meta['calibration_accepted']:.1%} of them "
+               f"accepted; {gate_meta['skipped_films']} skipped); wrote {target}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("predict")(predict)
+    app.command("export")(export_cmd)
+    app.command("gate-fit")(gate_fit)
