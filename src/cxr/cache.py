@@ -49,6 +49,13 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
+def is_film_file(path: Path) -> bool:
+    """What a folder scan takes as a film: a film suffix, or no suffix and DICOM's magic; never hidden
+    files ('._x.png' are macOS resource forks, not images)."""
+    suffix = path.suffix.lower()
+    return not path.name.startswith(".") and (suffix in FILM_SUFFIXES or (not suffix and _is_dicom(path)))
+
+
 def find_films(root: str | os.PathLike) -> tuple[dict[str, Path], list[Path]]:
     """PNG/JPEG/DICOM files under `root` (recursively) by file name, and the other files (ignored).
 
@@ -65,9 +72,7 @@ def find_films(root: str | os.PathLike) -> tuple[dict[str, Path], list[Path]]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            # '._x.png' are macOS resource forks, not images
-            suffix = path.suffix.lower()
-            if name.startswith(".") or not (suffix in FILM_SUFFIXES or (not suffix and _is_dicom(path))):
+            if not is_film_file(path):
                 ignored.append(path)
             elif name in films:
                 clashes.append((films[name], path))

@@ -18,14 +18,6 @@ MODEL_HELP = "A cxr checkpoint (.safetensors); default: the bundled model."
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
 def collect(paths: list[Path]) -> list[tuple[Path, str]]:
     """(path, key) for every film named or found (recursively) under a folder, sorted by key.
 
@@ -34,7 +26,7 @@ def collect(paths: list[Path]) -> list[tuple[Path, str]]:
     A named file is always taken (its content decides what it is); in folders, films by suffix or DICOM
     magic, hidden files and folders skipped.
     """
-    from cxr.cache import FILM_SUFFIXES
+    from cxr.cache import is_film_file
 
     found: dict[str, Path] = {}
     for root in paths:
@@ -45,8 +37,7 @@ def collect(paths: list[Path]) -> list[tuple[Path, str]]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 path = Path(dirpath) / name
-                film = path.suffix.lower() in FILM_SUFFIXES or (not path.suffix and _looks_like_dicom(path))
-                if name.startswith(".") or not film:
+                if not is_film_file(path):
                     continue
                 key = path.relative_to(root).as_posix()
                 if key in found:  # the same relative path under two folders: tell them apart in full
