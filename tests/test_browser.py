@@ -29,21 +29,10 @@ PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 60_000  # first inference pays for imports and thread pools on a 2-core CI machine
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import torch
+def _serve(app):
+    """Run `app` under uvicorn on a free loopback port; yields its base URL, stops it afterwards."""
     import uvicorn
 
-    from cxr.predict import Predictor
-    from cxr.serve import create_app
-
-    torch.manual_seed(0)
-    net = cxr_model.build("efficientnet_lite0", 14, weights=None)
-    meta = cxr_model.ModelMeta(arch="efficientnet_lite0", task="multilabel", outputs=list(FINDINGS),
-                               activation="sigmoid", input_size=128, normalisation="lite",
-                               metrics={"macro_auc": 0.5, "n_images": 10, "subset": "validation"})
-    path = cxr_model.save(tmp_path_factory.mktemp("model") / "browser-lite0.safetensors", net, meta)
-    app = create_app(Predictor(path, threads=1), model=path)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # loopback only, a free port chosen by the kernel
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -57,6 +46,31 @@ def server(tmp_path_factory):
     server.should_exit = True
     thread.join(30)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import torch
+
+    from cxr.predict import Predictor
+    from cxr.serve import create_app
+
+    torch.manual_seed(0)
+    net = cxr_model.build("efficientnet_lite0", 14, weights=None)
+    meta = cxr_model.ModelMeta(arch="efficientnet_lite0", task="multilabel", outputs=list(FINDINGS),
+                               activation="sigmoid", input_size=128, normalisation="lite",
+                               metrics={"macro_auc": 0.5, "n_images": 10, "subset": "validation"})
+    path = cxr_model.save(tmp_path_factory.mktemp("model") / "browser-lite0.safetensors", net, meta)
+    yield from _serve(create_app(Predictor(path, threads=1), model=path))
+
+
+@pytest.fixture(scope="module")
+def bundled_server():
+    """What `make run` serves: the bundled model, through the one Predictor."""
+    from cxr.predict import Predictor
+    from cxr.serve import create_app
+
+    yield from _serve(create_app(Predictor(None, threads=1)))
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +231,29 @@ def test_served_page_is_self_contained(server):
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(\s*["']?https?:""", f.read_text()), f
         assert httpx.get(f"{server}/static/{f.name}").status_code == 200, f.name
     assert httpx.get(server + "/docs").status_code == 200
+
+
+@browser_test
+def test_bundled_model_reads_a_real_film_with_heatmaps(page_factory, bundled_server, images_1024):
+    """The acceptance path: the README's run command serves the bundled model; a real full-size film
+    uploaded from the page gives 14 findings, and tapping one shows a (non-empty) heatmap over the film."""
+    page = page_factory(viewport=PHONE)
+    page.goto(bundled_server + "/")
+    page.wait_for_selector("#model-card dd >> text=cxr-demo")
+    page.set_input_files("#picker", images_1024 / "00000100_000.png")  # an RGBA film, as NIH released it
+    page.wait_for_function("() => ['results', 'error', 'refusal'].some(id => !document.getElementById(id).hidden)")
+    assert page.is_visible("#results"), page.inner_text("body")[:500]
+    assert page.locator(".finding").count() == 14
+    page.locator(".finding").first.click()
+    page.wait_for_function("() => document.getElementById('overlay').naturalWidth > 0")
+    alpha = page.evaluate("""() => {
+        const img = document.getElementById('overlay'), c = document.createElement('canvas');
+        c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        const d = g.getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+        return n / (c.width * c.height); }""")
+    assert alpha > 0.01, "the heatmap overlay is empty"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "phone-bundled-model.png"), full_page=True)
+    assert page.problems == []

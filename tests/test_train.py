@@ -56,6 +56,7 @@ def test_train_writes_checkpoint_metrics_and_split(baseline: Path):
     model, meta = load(baseline / "model.safetensors")
     assert meta.arch == "efficientnet_lite0" and meta.input_size == 64 and len(meta.outputs) == 14
     assert set(meta.thresholds) == set(meta.outputs)
+    assert len(meta.provenance["pos_weight_undone"]) == 14  # honest probabilities after weighted BCE
     assert meta.provenance["split"]["kind"] == "patient"
     assert meta.provenance["split"]["patient_overlap"] == {"train-val": 0, "train-test": 0, "val-test": 0}
     assert "cxr train" in meta.provenance["command"] or "train" in meta.provenance["command"]
@@ -148,3 +149,25 @@ def test_two_process_ddp_matches_one_process(tmp_path, images_512, metadata_csv)
     moved = min(abs(p1 - p0).mean(), abs(p2 - p0).mean())
     assert moved > 0.01
     assert abs(p1 - p2).mean() < DDP_RELATIVE_TOLERANCE * moved, (abs(p1 - p2).mean(), moved)
+
+
+def test_undoing_pos_weight_restores_prevalence_and_keeps_ranking():
+    """BCE with pos_weight w inflates every logit by log(w); cxr train subtracts it from the last bias."""
+    import numpy as np
+
+    from cxr.model import build
+    from cxr.train import shift_probabilities, undo_pos_weight
+
+    torch.manual_seed(0)
+    net = build("efficientnet_lite0", 14, weights=None)
+    torch.nn.init.normal_(net.head[-1].weight, std=0.05)
+    fmap = torch.randn(6, 1280, 2, 2)
+    w = np.linspace(1.0, 200.0, 14)
+    before = net.classify(fmap).sigmoid().detach().numpy()
+    undo_pos_weight(net, w)
+    after = net.classify(fmap).sigmoid().detach().numpy()
+    np.testing.assert_allclose(after, shift_probabilities(before, w), atol=1e-5)
+    assert (after[:, 1:] < before[:, 1:]).all()  # rarer findings (larger w) come down
+    assert (np.argsort(after, axis=0) == np.argsort(before, axis=0)).all()  # AUC unchanged
+    z = np.log(before / (1 - before)) - np.log(w)
+    np.testing.assert_allclose(after, 1 / (1 + np.exp(-z)), atol=1e-5)

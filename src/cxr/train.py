@@ -280,9 +280,32 @@ def fit(cfg: TrainConfig) -> Path:
     final = cfg.out / "model.safetensors"
     if trainer.is_global_zero:
         (cfg.out / "split.json").write_text(json.dumps(data.split, indent=1))
-        meta = final_meta(cfg, data, norm, learner.val_outputs)
+        val = learner.val_outputs
+        if data.pos_weight is not None and cfg.loss == "weighted":
+            undo_pos_weight(learner.model, data.pos_weight)
+            val = val and (val[0], shift_probabilities(val[1], data.pos_weight))
+        meta = final_meta(cfg, data, norm, val)
         M.save(final, learner.model.to(memory_format=torch.contiguous_format).float(), meta)
     return final
+
+
+def undo_pos_weight(model, pos_weight) -> None:
+    """Make a model trained with BCE pos_weight w output honest probabilities again.
+
+    Weighting the positives by w moves the loss's optimum from p to w·p / (w·p + 1 − p), i.e. adds
+    log(w) to every logit: a finding with 1% prevalence and w = 99 comes out near 50%. Subtracting
+    log(w) from the last layer's bias undoes exactly that shift; rankings (AUC, AP) are unchanged.
+    """
+    last = model.head[-1]
+    with torch.no_grad():
+        last.bias -= torch.log(torch.as_tensor(np.asarray(pos_weight), dtype=last.bias.dtype))
+
+
+def shift_probabilities(p: np.ndarray, pos_weight) -> np.ndarray:
+    """The probabilities `undo_pos_weight` turns p into (for outputs computed before the change)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    z = np.log(p / (1 - p)) - np.log(np.asarray(pos_weight, dtype=np.float64))
+    return (1 / (1 + np.exp(-z))).astype(np.float32)
 
 
 def final_meta(cfg: TrainConfig, data: Prepared, norm: str, val_outputs):
@@ -316,7 +339,10 @@ def final_meta(cfg: TrainConfig, data: Prepared, norm: str, val_outputs):
         provenance={
             "command": cfg.command, "config": config_dict(cfg),
             "split": {k: v for k, v in data.split.items() if k not in ("train", "val", "test")},
-            "n_train": data.n_train, "versions": {"cxr": cxr.__version__, "torch": torch.__version__,
+            "n_train": data.n_train,
+            "pos_weight_undone": None if data.pos_weight is None or cfg.loss != "weighted"
+            else [float(w) for w in data.pos_weight],
+            "versions": {"cxr": cxr.__version__, "torch": torch.__version__,
             "torchvision": torchvision.__version__, "lightning": lightning.__version__,
             "python": platform.python_version()},
         },
