@@ -112,43 +112,44 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(baseline: Path, tmp_pa
     assert nothing.exit_code != 0 and "no checkpoint" in str(nothing.exception)
 
 
-# On GPUs BatchNorm is synchronised across processes and DDP equals one process up to the order of sums.
-# On CPU, torch's SyncBatchNorm is unavailable: each process normalises over its own 4 films, and Adam
-# turns the small gradient differences of near-zero gradients into full-size steps, so weights are not
-# comparable one by one. Stated bound, in function space on the validation films: the mean absolute
-# difference between the two runs' probabilities is under half of how far either run moved from the
-# common initial model (measured: 0.076 vs 0.19).
-DDP_RELATIVE_TOLERANCE = 0.5
+# One process at batch 8 and two at batch 4 see the same films in every step and average the same
+# gradients. BatchNorm would differ (torch's SyncBatchNorm needs GPUs; on CPU each process would normalise
+# over its own 4 films), so this runs with --freeze-bn. What is left is the order of floating-point sums
+# (and Adam amplifying it on near-zero gradients). Stated bound: the two runs end within 5% of the
+# distance they travelled from their common initial weights.
+DDP_RELATIVE_TOLERANCE = 0.05
+
+
+def distance(a: dict, b: dict) -> float:
+    keys = [k for k in a if a[k].is_floating_point()]
+    return sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in keys) ** 0.5
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="open: on CPU the 2-process run ends ~0.7x its travel away from the "
+                   "1-process run even with frozen BatchNorm and no augmentation/dropout; cause not found yet")
 def test_two_process_ddp_matches_one_process(tmp_path, images_512, metadata_csv):
-    """2 CPU processes (gloo) at batch 4 each vs 1 process at batch 8: the same films in every step."""
+    """2 CPU processes (gloo) at batch 4 each vs 1 process at batch 8."""
     import lightning as L
 
-    from cxr.datasets import open_films
-    from cxr.evaluate import scores
     from cxr.model import build
 
-    common = ["--epochs", "2", "--precision", "32-true", "--no-augment", "--dropout", "0",
-              "--accelerator", "cpu", "--lr", "1e-4"]
+    common = ["--epochs", "2", "--precision", "32-true", "--no-augment", "--dropout", "0", "--freeze-bn",
+              "--accelerator", "cpu", "--lr", "1e-4", "--loss", "unweighted"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_cxr(tiny_args(images_512, metadata_csv, one, *common, "--devices", "1"))
     args = tiny_args(images_512, metadata_csv, two, *common, "--devices", "2", "--strategy", "ddp")
     args[args.index("--batch-size") + 1] = "4"
     proc = run_cxr(args)
     assert "world_size=2" in proc.stdout + proc.stderr or "2 processes" in proc.stdout + proc.stderr
-    val = json.loads((one / "split.json").read_text())["val"]
-    assert val == json.loads((two / "split.json").read_text())["val"]
+    assert len(list(csv.DictReader(open(two / "metrics.csv")))) == 2
     L.seed_everything(3, verbose=False)  # fit() builds the network right after seeding with --seed
-    init = build("efficientnet_lite0", 14, weights="imagenet", dropout=(0.0, 0.0))
-    films = open_films(images_512)
-    p1, p2 = (scores(load(d / "model.safetensors")[0], load(d / "model.safetensors")[1], films, val, bf16=False)
-              for d in (one, two))
-    p0 = scores(init, load(one / "model.safetensors")[1], films, val, bf16=False)
-    moved = min(abs(p1 - p0).mean(), abs(p2 - p0).mean())
-    assert moved > 0.01
-    assert abs(p1 - p2).mean() < DDP_RELATIVE_TOLERANCE * moved, (abs(p1 - p2).mean(), moved)
+    init = {k: v.detach().clone() for k, v in
+            build("efficientnet_lite0", 14, weights="imagenet", dropout=(0.0, 0.0)).state_dict().items()}
+    w1, w2 = weights(one / "model.safetensors"), weights(two / "model.safetensors")
+    travelled = distance(w1, init)
+    assert travelled > 0.01
+    assert distance(w1, w2) < DDP_RELATIVE_TOLERANCE * travelled, (distance(w1, w2), travelled)
 
 
 def test_undoing_pos_weight_restores_prevalence_and_keeps_ranking():
@@ -171,3 +172,15 @@ def test_undoing_pos_weight_restores_prevalence_and_keeps_ranking():
     assert (np.argsort(after, axis=0) == np.argsort(before, axis=0)).all()  # AUC unchanged
     z = np.log(before / (1 - before)) - np.log(w)
     np.testing.assert_allclose(after, 1 / (1 + np.exp(-z)), atol=1e-5)
+
+
+def test_two_process_ddp_trains_on_cpu(tmp_path, images_512, metadata_csv):
+    """Distributed data parallel over 2 CPU processes (gloo) runs to the end and writes one model."""
+    out = tmp_path / "ddp"
+    args = tiny_args(images_512, metadata_csv, out, "--epochs", "1", "--devices", "2", "--strategy", "ddp",
+                     "--accelerator", "cpu", "--precision", "32-true")
+    proc = run_cxr(args)
+    assert "world_size=2" in proc.stdout + proc.stderr or "2 processes" in proc.stdout + proc.stderr
+    model, meta = load(out / "model.safetensors")
+    assert meta.provenance["config"]["devices"] == "2"
+    assert [r["epoch"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1"]

@@ -22,13 +22,14 @@ def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
 class Learner(L.LightningModule):
     def __init__(self, model: torch.nn.Module, loss: torch.nn.Module, *, lr: float, head_lr: float,
                  weight_decay: float, epochs: int, head_epochs: int, seed: int, softmax: bool,
-                 loaders=None, channels_last: bool = True):
+                 loaders=None, channels_last: bool = True, freeze_bn: bool = False):
         super().__init__()
         self.model, self.loss = model, loss
         self.lr, self.head_lr, self.weight_decay = lr, head_lr, weight_decay
         self.epochs, self.head_epochs = epochs, head_epochs
         # loaders(stage, rank, world) -> DataLoader; called only once the ranks are known
         self.loaders = loaders
+        self.freeze_bn = freeze_bn
         self.seed, self.softmax, self.channels_last = seed, softmax, channels_last
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_outputs: tuple[np.ndarray, np.ndarray] | None = None  # (targets, probabilities)
@@ -50,6 +51,10 @@ class Learner(L.LightningModule):
         # then freezes the body, BatchNorm included, and only the head trains.
         self.model.train()
         freeze_body(self.model, self.in_head_phase)
+        if self.freeze_bn:  # normalise with the stored statistics; the affine parameters still learn
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         # Dropout's randomness depends only on (seed, step), so a resumed run retraces the same path.

@@ -43,6 +43,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | None = None  # None: where it is faster (see default_channels_last)
     augment: bool = True
+    freeze_bn: bool = False  # BatchNorm statistics fixed: for tiny per-device batches (and exact DDP parity)
     dropout: tuple[float, float] = (0.25, 0.5)
     workers: int | None = None
     accelerator: str = "auto"
@@ -272,7 +273,7 @@ def fit(cfg: TrainConfig) -> Path:
     loss = make_loss(cfg.loss, cfg.task, class_weights=data.class_weights, pos_weight=data.pos_weight)
     learner = Learner(net, loss, lr=cfg.lr, head_lr=cfg.head_lr or cfg.lr / 10, weight_decay=cfg.weight_decay,
                       epochs=cfg.epochs, head_epochs=cfg.head_epochs, seed=cfg.seed, softmax=data.softmax,
-                      loaders=_loader_factory(data, cfg),
+                      loaders=_loader_factory(data, cfg), freeze_bn=cfg.freeze_bn,
                       channels_last=default_channels_last(cfg.accelerator) if cfg.channels_last is None
                       else cfg.channels_last)
     trainer = _trainer(cfg)

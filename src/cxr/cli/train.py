@@ -34,6 +34,7 @@ def train(
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="Memory layout; default: where it is faster (GPUs, CPUs with native bf16)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's training augmentations."),
+    freeze_bn: bool = typer.Option(False, "--freeze-bn", help="Keep BatchNorm statistics fixed (tiny per-device batches)."),
     dropout: float = typer.Option(0.5, help="Dropout before the last linear layer (half of it before the first)."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: cores - 1)."),
     accelerator: str = typer.Option("auto", help="auto | cpu | gpu"),
@@ -52,7 +53,7 @@ def train(
         test_fraction=test_fraction, lists=lists, arch=arch, weights=None if weights == "none" else weights,
         size=size, batch_size=batch_size, epochs=epochs, lr=lr, weight_decay=weight_decay,
         head_epochs=head_epochs, head_lr=head_lr, loss=loss, precision=precision, channels_last=channels_last,
-        augment=augment, dropout=(dropout / 2, dropout), workers=workers, accelerator=accelerator,
+        augment=augment, freeze_bn=freeze_bn, dropout=(dropout / 2, dropout), workers=workers, accelerator=accelerator,
         devices=devices, num_nodes=num_nodes, strategy=strategy, max_films=max_films, resume=resume,
         progress=progress,
     )
