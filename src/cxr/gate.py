@@ -67,10 +67,12 @@ def colourfulness(src) -> float:
     """Hasler & Suesstrunk's colourfulness of the original image (path or bytes), on a ~256 px sample.
 
     0 for grayscale files and for anything Pillow cannot open (DICOM, broken files: `images.read_image`
-    reports those). Gray images stored as RGB, like some NIH films, also score 0. A colour PNG is decoded
-    a second time here (read_image gives gray only): 16 ms for a 1024 px RGBA film, ~1 ms for a JPEG.
+    reports those). Gray images stored as RGB, like some NIH films, also score 0. The Predictor gets this
+    from `images.read_image(..., info=...)` instead, without a second decode; this is for other callers.
     """
     from PIL import Image
+
+    from cxr.images import colourfulness_of
 
     try:
         im = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
@@ -78,16 +80,9 @@ def colourfulness(src) -> float:
             if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
                 return 0.0  # decided from the header alone: nothing decoded
             im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale
-            if im.mode not in ("RGB", "RGBA"):
-                im = im.convert("RGB")  # palettes, CMYK, YCbCr
-            arr = np.asarray(im)
+            return colourfulness_of(im)
     except Exception:  # noqa: BLE001 - unreadable here means "no colour to measure", not an error
         return 0.0
-    step = max(1, max(arr.shape[:2]) // 256)  # a strided sample: a thumbnail would cost as much as the decode
-    rgb = arr[::step, ::step, :3].astype(np.float32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    rg, yb = r - g, 0.5 * (r + g) - b
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def image_check(gray: np.ndarray, colour: float = 0.0) -> str | None:

@@ -73,12 +73,14 @@ class _Limits(NamedTuple):
 
 def read_image(
     src: str | os.PathLike | bytes | bytearray | memoryview, *, name: str | None = None,
-    max_pixels: int | None = None, min_side: int | None = None,
+    max_pixels: int | None = None, min_side: int | None = None, info: dict | None = None,
 ) -> np.ndarray:
     """A 2-D float32 array in [0, 1] (0 = black), whatever the file's format and bit depth.
 
     `name` labels the input in error messages (default: the path, or 'upload' for bytes).
     `max_pixels` and `min_side` override config.MAX_PIXELS and config.MIN_SIDE.
+    `info`, if given, receives facts that the gray array loses: "colourfulness" of the original
+    colours (images Pillow decodes; the not-a-chest-X-ray gate uses it without decoding twice).
     """
     limits = _Limits(config.MAX_PIXELS if max_pixels is None else max_pixels,
                      config.MIN_SIDE if min_side is None else min_side)
@@ -97,7 +99,7 @@ def read_image(
                 return _read_dicom(fp, label, limits, force=True)
             raise _unrecognised(head, label)
         with im:
-            return _pillow_pixels(im, label, limits)
+            return _pillow_pixels(im, label, limits, info)
 
 
 def resize(gray: np.ndarray, size: int) -> np.ndarray:
@@ -178,7 +180,7 @@ def _pillow_open(fp: BinaryIO, label: str, limits: _Limits) -> Image.Image | Non
         raise CorruptImageError(f"{label}: image header is corrupt ({e}); re-export or re-send it") from None
 
 
-def _pillow_pixels(im: Image.Image, label: str, limits: _Limits) -> np.ndarray:
+def _pillow_pixels(im: Image.Image, label: str, limits: _Limits, info: dict | None = None) -> np.ndarray:
     _check_size(*im.size, label, limits)  # from the header: nothing decoded or allocated yet
     fmt = im.format or "image"
     try:
@@ -197,7 +199,22 @@ def _pillow_pixels(im: Image.Image, label: str, limits: _Limits) -> np.ndarray:
         ImageOps.exif_transpose(im, in_place=True)  # phone photos; a no-op without an Orientation tag
     except Exception as e:  # noqa: BLE001 - every decoder error means the same to the user
         raise CorruptImageError(f"{label}: the {fmt} is truncated or corrupt ({e}); re-export or re-send it") from None
+    if info is not None:
+        info["colourfulness"] = colourfulness_of(im)
     return _pillow_gray(im, label)
+
+
+def colourfulness_of(im: Image.Image) -> float:
+    """Hasler & Suesstrunk's colourfulness of a decoded image, on a strided ~256 px sample (0 for gray
+    modes; gray films stored as RGB(A), like some NIH films, score 0 too)."""
+    if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
+        return 0.0
+    arr = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))
+    step = max(1, max(arr.shape[:2]) // 256)  # a strided sample: a thumbnail would cost as much as the decode
+    rgb = arr[::step, ::step, :3].astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
 def _pillow_gray(im: Image.Image, label: str) -> np.ndarray:

@@ -229,8 +229,9 @@ class Predictor:
 
     def _decode(self, index: int, src: Source, name: str, keep_gray: bool, strict: bool = False) -> _Film:
         film = _Film(index, name)
+        info: dict = {}
         try:
-            gray = images.read_image(src, name=name)
+            gray = images.read_image(src, name=name, info=info)
         except images.ImageError as e:
             if strict:
                 raise
@@ -242,7 +243,8 @@ class Predictor:
             film.error = f"{name}: cannot be read ({type(e).__name__}: {e})"
             return film
         film.size = (int(gray.shape[1]), int(gray.shape[0]))
-        film.refused = gate.image_check(gray, gate.colourfulness(src))
+        colour = info.get("colourfulness")  # measured during the one decode; DICOM: ask the gate
+        film.refused = gate.image_check(gray, gate.colourfulness(src) if colour is None else colour)
         if film.refused is None:
             film.x = transforms.preprocess(gray, self.meta)
             film.gray = gray if keep_gray else None
