@@ -84,6 +84,10 @@ def test_cli_evaluate_end_to_end(tmp_path, films_dir, metadata_csv, multilabel_m
     notes = " ".join(data["notes"])
     assert "not_in_metadata.png" in notes and "99999999_000.png" in notes
     assert data["per_finding"]["Effusion"]["threshold"] == 0.3  # the model's stored threshold
+    for f, entry in data["per_finding"].items():  # curve points for explain's PR panels (Figs 13-20)
+        if entry["n_positive"] and entry["n_negative"]:
+            curve = entry["pr_curve"]
+            assert len(curve["recall"]) == len(curve["precision"]) >= 2 and curve["recall"][-1] == 0.0
 
     frame = pd.read_csv(out / "scores.csv")
     labels = nih.label_matrix(table.set_index("image").loc[frame["image"]].reset_index())

@@ -205,6 +205,10 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
     films_found = sum(part["n_found"] for part in parts)
     data = ", ".join(map(str, sources))
     summary = metrics.summarize(y, p, findings, thresholds, n_boot=n_boot, seed=boot_seed)
+    for j, f in enumerate(findings):  # thinned curve points, so `cxr explain --report` can draw Figs 13-20
+        curve = _thinned_pr_curve(y[:, j], p[:, j])
+        if curve:
+            summary["per_finding"][f]["pr_curve"] = curve
     summary["notes"] = notes + summary["notes"]
     summary["model"] = info
     summary["data"] = {"path": str(data), "metadata": str(metadata), "task": task, "split": split,
@@ -221,6 +225,17 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
     _write_scores(out / "scores.csv", names, findings, y, p)
     made = report.write_report(out, y, p, summary, compare=p_b, labels=labels)
     return json.loads(made["json"].read_text())
+
+
+def _thinned_pr_curve(y1: np.ndarray, p1: np.ndarray, points: int = 200) -> dict | None:
+    from sklearn.metrics import precision_recall_curve
+
+    if y1.min() == y1.max():
+        return None
+    precision, recall, _ = precision_recall_curve(y1, p1)
+    keep = np.unique(np.linspace(0, len(recall) - 1, min(points, len(recall))).round().astype(int))
+    return {"recall": [round(float(v), 4) for v in recall[keep]],
+            "precision": [round(float(v), 4) for v in precision[keep]]}
 
 
 def _score_source(data, metadata, model, meta, model_b, meta_b, task, split, subset, seed, lists, notes,
