@@ -184,3 +184,21 @@ def test_two_process_ddp_trains_on_cpu(tmp_path, images_512, metadata_csv):
     model, meta = load(out / "model.safetensors")
     assert meta.provenance["config"]["devices"] == "2"
     assert [r["epoch"] for r in csv.DictReader(open(out / "metrics.csv"))] == ["1"]
+
+
+def test_lr_find_draws_one_curve_per_weight_decay(tmp_path, images_512, metadata_csv):
+    """The LR range test (the paper's Fig. 6): exponential LR sweep, a curve and a suggestion per WD."""
+    out = tmp_path / "lr"
+    args = tiny_args(images_512, metadata_csv, out)
+    keep = {"--data", "--metadata", "--out", "--arch", "--weights", "--size", "--batch-size", "--max-films",
+            "--workers", "--seed"}
+    pairs = [(a, b) for a, b in zip(args[1::2], args[2::2]) if a in keep]
+    run_cxr(["lr-find", *[x for p in pairs for x in p], "--no-progress", "--steps", "8",
+             "--weight-decays", "0,0.1", "--min-lr", "1e-6", "--max-lr", "1"])
+    result = json.loads((out / "lr_find.json").read_text())
+    assert set(result["curves"]) == {"0.0", "0.1"}
+    for curve in result["curves"].values():
+        lrs = curve["lr"]
+        assert len(lrs) >= 4 and all(b > a for a, b in zip(lrs, lrs[1:]))  # grows every mini-batch
+        assert len(curve["loss"]) == len(lrs)
+    assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
