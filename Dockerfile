@@ -29,12 +29,12 @@ RUN pip install --index-url "$TORCH_INDEX" \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# The package, with the bundled model under src/cxr/models/ and the page under src/cxr/static/.
+# The package, with the bundled model under src/cxr/assets/ and the page under src/cxr/web/static/.
 # Editable install: the package runs from /app/src as copied, so every file in it (the model included)
 # is there whatever the package-data globs say.
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-deps -e . && python -c "import cxr.serve"
+RUN pip install --no-deps -e . && python -c "import cxr.web.app"
 
 # Never run as root: a fixed unprivileged user that owns nothing it could change but its cache.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin cxr \
@@ -45,8 +45,8 @@ USER cxr
 # Export the bundled model now, so that each replica starts in seconds (readable by any user the platform
 # runs the container as; a replica that cannot use the cache exports in memory instead).
 ENV CXR_CACHE=/app/cache
-RUN python -c "from cxr import config; from cxr.predict import Predictor; \
-config.BUNDLED_MODEL.is_file() and Predictor()"
+RUN python -c "from cxr import settings; from cxr.inference.predictor import Predictor; \
+settings.BUNDLED_MODEL.is_file() and Predictor()"
 
 # Heroku and most container platforms pass the port in $PORT; 8000 otherwise.
 ENV PORT=8000

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxr import images
-from cxr.cache import Cache, prepare
-from cxr.config import data_dir
+from cxr.images import read as images
+from cxr.data.cache import Cache, prepare
+from cxr.settings import data_dir
 
 SIZE, MIN_READS = 256, 1000
 

@@ -8,7 +8,7 @@ DenseNet-121 with random weights (the cost does not depend on the values) at 224
 mode, on the CPU. The two are timed alternately, REPS times each after a warm-up, so a neighbour's load on
 a shared machine hits both alike; medians are reported. With --reference, Grad-CAM the textbook way
 (captum's LayerGradCam: a forward and a full backward per finding, about 10x a forward) is timed once for
-context. The last line is the ratio of the medians; cxr.explain promises at most 3x (exit status 1 above).
+context. The last line is the ratio of the medians; cxr.explain.gradcam promises at most 3x (exit status 1 above).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from cxr import explain
-from cxr.model import build
+from cxr.explain import gradcam as explain
+from cxr.nets.model import build
 
 SIZE, REPS, WARMUP = 224, 7, 2
 LIMIT = 3.0

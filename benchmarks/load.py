@@ -41,8 +41,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def pick_model(given: Path | None, workdir: Path) -> Path:
-    from cxr import config
-
+    from cxr import settings as config
     if given:
         return given
     if config.BUNDLED_MODEL.is_file():
@@ -50,7 +49,7 @@ def pick_model(given: Path | None, workdir: Path) -> Path:
     # No bundled model in this checkout: a random-weight Lite0 at 224 px costs what the real one would.
     import torch
 
-    from cxr import model as M
+    from cxr.nets import model as M
     from cxr.findings import FINDINGS
 
     torch.manual_seed(0)  # the same bytes every run: the Predictor's ONNX export is cached by content
@@ -61,7 +60,7 @@ def pick_model(given: Path | None, workdir: Path) -> Path:
 
 
 def load_films(folder: Path | None, n: int = 32) -> list[bytes]:
-    from cxr.config import data_dir
+    from cxr.settings import data_dir
 
     folder = folder or data_dir() / "images-512"
     paths = sorted(folder.glob("*.png"))[:n]
@@ -80,7 +79,7 @@ class Raw:
     """
 
     def __init__(self, model: Path, films: list[bytes], threads: int | None) -> None:
-        from cxr.predict import Predictor
+        from cxr.inference.predictor import Predictor
 
         self.predictor = Predictor(model, threads=threads)
         self.films, self.calls, self.seconds = films, 0, 0.0

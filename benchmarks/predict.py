@@ -44,7 +44,7 @@ TCMALLOC = next(iter(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4")), None)
 
 
 def fast_worker(path: str):
-    from cxr.predict import Predictor
+    from cxr.inference.predictor import Predictor
 
     start = time.perf_counter()
     predictor = Predictor(path, batch_size=16)
@@ -66,9 +66,8 @@ def naive_worker(path: str, app_path: bool = True):
     import torch.nn.functional as F
     from PIL import Image
 
-    from cxr import model as M
-    from cxr import transforms
-
+    from cxr.nets import model as M
+    from cxr.data import transforms
     net, meta = M.load(path)
     mean, std = torch.tensor(meta.mean).view(3, 1, 1), torch.tensor(meta.std).view(3, 1, 1)
     size = (meta.input_size, meta.input_size)
@@ -117,9 +116,8 @@ def worker_peak(path: str, n: int) -> dict:
     import numpy as np
     import torch
 
-    from cxr import export
-    from cxr import model as M
-
+    from cxr.inference import export
+    from cxr.nets import model as M
     net, meta = M.load(path)
     sess = export.session(export.to_onnx(net, meta))
     x = np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32)
@@ -203,8 +201,8 @@ def peak_rss(model: Path, cache: str) -> tuple[float, float]:
 def models(tmp: Path) -> list[tuple[str, Path]]:
     import torch
 
-    from cxr import config
-    from cxr import model as M
+    from cxr import settings as config
+    from cxr.nets import model as M
     from cxr.findings import FINDINGS
 
     def save(arch: str, weights) -> Path:

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from cxr.losses import make_loss
-from cxr.model import build
-from cxr.train import default_channels_last, default_precision
+from cxr.training.losses import make_loss
+from cxr.nets.model import build
+from cxr.training.train import default_channels_last, default_precision
 
 
 def images_per_second(device: str, batch: int, steps: int, *, channels_last: bool, dtype) -> float:

@@ -1,4 +1,4 @@
-"""Rebuild the bundled demonstration model, src/cxr/models/cxr-demo.safetensors, and its model card.
+"""Rebuild the bundled demonstration model, src/cxr/assets/cxr-demo.safetensors, and its model card.
 
 These are the exact steps that made the committed file (about 45 minutes on 2 CPU cores):
   1. `cxr train` on the sample films (512 px and 64 px), patient-disjoint validation (TRAIN below);
@@ -6,7 +6,7 @@ These are the exact steps that made the committed file (about 45 minutes on 2 CP
   2. `cxr gate-fit` on the same films (the not-a-chest-X-ray gate);
   3. `cxr evaluate` on the run's validation split; its report becomes the checkpoint's `metrics`, so the
      model card shows exactly what `cxr evaluate` reproduces;
-  4. the checkpoint and MODEL_CARD.md are written into src/cxr/models/.
+  4. the checkpoint and MODEL_CARD.md are written into src/cxr/assets/.
 
 Run from the repository root:  .venv/bin/python scripts/bundle_model.py [--run DIR] [--skip-train]
 """
@@ -44,9 +44,9 @@ def honest_probabilities(path: Path, run: Path) -> None:
     model's run was): undo it here, exactly as `cxr train` now does, and move the thresholds with it."""
     import numpy as np
 
-    from cxr import model as M
-    from cxr import nih
-    from cxr.train import shift_probabilities, undo_pos_weight
+    from cxr.nets import model as M
+    from cxr.data import nih
+    from cxr.training.train import shift_probabilities, undo_pos_weight
 
     net, meta = M.load(path)
     if "pos_weight_undone" in meta.provenance:
@@ -76,9 +76,9 @@ def main() -> None:
         f"--metadata {DATA}/Data_Entry_2017_v2020.csv.gz --split {args.run}/split.json --subset val "
         f"--out {args.run}/eval")
 
-    from cxr import config, modelcard
-    from cxr import model as M
-
+    from cxr import settings as config
+    from cxr.evaluation import modelcard
+    from cxr.nets import model as M
     net, meta = M.load(gated)
     report = json.loads((args.run / "eval" / "report.json").read_text())
     report["subset"] = "validation"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.config import data_dir
+from cxr.settings import data_dir
 
 # Keep the 2-core CI machine responsive when pytest-xdist runs two workers.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import model as cxr_model
+from cxr.nets import model as cxr_model
 from cxr.findings import FINDINGS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -52,8 +52,8 @@ def _serve(app):
 def server(tmp_path_factory):
     import torch
 
-    from cxr.predict import Predictor
-    from cxr.serve import create_app
+    from cxr.inference.predictor import Predictor
+    from cxr.web.app import create_app
 
     torch.manual_seed(0)
     net = cxr_model.build("efficientnet_lite0", 14, weights=None)
@@ -67,8 +67,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundled_server():
     """What `make run` serves: the bundled model, through the one Predictor."""
-    from cxr.predict import Predictor
-    from cxr.serve import create_app
+    from cxr.inference.predictor import Predictor
+    from cxr.web.app import create_app
 
     yield from _serve(create_app(Predictor(None, threads=1)))
 

@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from cxr import config
-from cxr.evaluate import evaluate
-from cxr.model import load_model
+from cxr import settings as config
+from cxr.evaluation.evaluate import evaluate
+from cxr.nets.model import load_model
 
 pytestmark = pytest.mark.skipif(not config.BUNDLED_MODEL.exists(), reason="no bundled model in this checkout")
 

@@ -1,4 +1,4 @@
-"""`cxr.cache`: prepare (decode once, one memory-mapped array + index) and the Cache reader, on real films."""
+"""`cxr.data.cache`: prepare (decode once, one memory-mapped array + index) and the Cache reader, on real films."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cxr import cache, images
-from cxr.cache import Cache, CacheError, prepare
+from cxr.data import cache
+from cxr.images import read as images
+from cxr.data.cache import Cache, CacheError, prepare
 
 SIZE = 64
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cxr import nih
+from cxr.data import nih
 from cxr.cli import app
 from cxr.cli.stats import SplitKind, Task
 from cxr.errors import DataError

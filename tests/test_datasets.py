@@ -1,4 +1,4 @@
-"""`cxr.datasets`: folder and cache behave alike; FilmDataset feeds DataLoader workers reproducibly."""
+"""`cxr.data.datasets`: folder and cache behave alike; FilmDataset feeds DataLoader workers reproducibly."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cxr import images
-from cxr.cache import Cache, prepare
-from cxr.datasets import FilmDataset, FilmFolder, open_films
+from cxr.images import read as images
+from cxr.data.cache import Cache, prepare
+from cxr.data.datasets import FilmDataset, FilmFolder, open_films
 from cxr.errors import DataError
 from cxr.findings import FINDINGS, NORMALISATIONS
-from cxr.transforms import eval_transform, train_transform
+from cxr.data.transforms import eval_transform, train_transform
 
 MEAN, STD = NORMALISATIONS["imagenet"]
 

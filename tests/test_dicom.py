@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from cxr.images import (
+from cxr.images.read import (
     CorruptImageError,
     ImageTooLargeError,
     ImageTooSmallError,

@@ -12,13 +12,13 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from cxr import model as M
-from cxr import nih
-from cxr.datasets import open_films
+from cxr.nets import model as M
+from cxr.data import nih
+from cxr.data.datasets import open_films
 from cxr.errors import CxrError
-from cxr.evaluate import evaluate, scores
+from cxr.evaluation.evaluate import evaluate, scores
 from cxr.findings import FINDINGS
-from cxr.transforms import preprocess
+from cxr.data.transforms import preprocess
 
 SIZE = 32  # the smallest input a model accepts: keeps inference cheap on two cores
 

@@ -1,4 +1,4 @@
-"""cxr.explain: Grad-CAM's fast path against a textbook implementation, the sanity checks of Adebayo et al.
+"""cxr.explain.gradcam: Grad-CAM's fast path against a textbook implementation, the sanity checks of Adebayo et al.
 (2018), the guided methods, and the `cxr explain` command. Small EfficientNet-Lite0 inputs keep it fast."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from cxr import explain as E
-from cxr import model as M
+from cxr.explain import gradcam as E
+from cxr.nets import model as M
 from cxr.findings import FINDINGS
-from cxr.transforms import preprocess
+from cxr.data.transforms import preprocess
 
 SIZE = 128  # Lite0's feature map is SIZE / 32 = 4 x 4
 

@@ -1,4 +1,4 @@
-"""cxr.export and `cxr export`: a valid ONNX file, dynamic batch, metadata inside, ORT matches torch fp32.
+"""cxr.inference.export and `cxr export`: a valid ONNX file, dynamic batch, metadata inside, ORT matches torch fp32.
 
 Measured: ORT's logits differ from torch fp32 eager by ~2e-6 (Lite0, DenseNet-121); held to 1e-4 here.
 """
@@ -12,11 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cxr import export, images, transforms
-from cxr import model as M
+from cxr.inference import export
+from cxr.images import read as images
+from cxr.data import transforms
+from cxr.nets import model as M
 from cxr.cli import app
 from cxr.findings import FINDINGS
-from cxr.predict import Predictor
+from cxr.inference.predictor import Predictor
 
 SIZE = 96
 

@@ -1,4 +1,4 @@
-"""cxr.gate: image checks, the feature-space distance, gate-fit, extra checkpoint tensors, and the measured
+"""cxr.inference.gate: image checks, the feature-space distance, gate-fit, extra checkpoint tensors, and the measured
 acceptance of real films (>= 95 %) and refusal of non-films (>= 95 %)."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from typer.testing import CliRunner
 
-from cxr import config, gate, images
-from cxr import model as M
+from cxr import settings as config
+from cxr.inference import gate
+from cxr.images import read as images
+from cxr.nets import model as M
 from cxr.errors import ModelError
 from cxr.findings import FINDINGS
 
@@ -241,7 +243,7 @@ def _models():
 @pytest.mark.parametrize("which", list(_models()))
 def test_gate_accepts_films_and_refuses_non_films(which, request, images_512, images_1024, images_64, capsys,
                                                   tmp_path, monkeypatch):
-    from cxr.predict import Predictor
+    from cxr.inference.predictor import Predictor
 
     monkeypatch.setenv("CXR_CACHE", str(tmp_path))
     if which == "bundled":

@@ -21,9 +21,10 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from cxr import config, model as cxr_model
+from cxr import settings as config
+from cxr.nets import model as cxr_model
 from cxr.findings import FINDINGS
-from cxr.serve import create_app
+from cxr.web.app import create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -39,7 +40,7 @@ EXPECTED_WHERE_OBVIOUS = {"bomb": {413}, "wrong-type": {400, 415}, "dicom-no-pix
 def predictor(tmp_path_factory):
     import torch
 
-    from cxr.predict import Predictor
+    from cxr.inference.predictor import Predictor
 
     torch.manual_seed(0)
     net = cxr_model.build("efficientnet_lite0", 14, weights=None)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from cxr.errors import CxrError
-from cxr.images import (
+from cxr.images.read import (
     CorruptImageError,
     EmptyImageError,
     ImageError,

@@ -1,4 +1,4 @@
-"""cxr.localize: box scaling, the pointing game and IoU, and `cxr explain --boxes` on the sample's boxed films."""
+"""cxr.explain.localize: box scaling, the pointing game and IoU, and `cxr explain --boxes` on the sample's boxed films."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import localize as L
-from cxr.nih import read_boxes
+from cxr.explain import localize as L
+from cxr.data.nih import read_boxes
 
 BOXED = ("00001369_000.png", "00001933_000.png", "00002578_000.png", "00004296_000.png", "00008386_000.png",
          "00009745_000.png")  # the sample's films from the test list that have radiologists' boxes

@@ -1,4 +1,4 @@
-"""cxr.losses against the paper's equations written out by hand, and against torch's unweighted losses."""
+"""cxr.training.losses against the paper's equations written out by hand, and against torch's unweighted losses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr.losses import make_loss
+from cxr.training.losses import make_loss
 
 LOGITS_2 = [[0.2, -1.0], [1.5, 0.3], [-0.7, 2.2], [0.0, 0.4]]
 CLASSES = [0, 1, 1, 0]

@@ -1,4 +1,4 @@
-"""cxr.metrics against scikit-learn on fixed arrays, and the paper's per-sample class weights (Eq. 1, 6)."""
+"""cxr.evaluation.metrics against scikit-learn on fixed arrays, and the paper's per-sample class weights (Eq. 1, 6)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from sklearn.metrics import (
 )
 from sklearn.utils.class_weight import compute_class_weight
 
-from cxr import metrics as M
-
-
+from cxr.evaluation import metrics as M
 def _data(n=400, prevalences=(0.1, 0.3, 0.05), seed=0):
     """Labels and informative scores rounded to 2 decimals, so there are many ties."""
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""cxr.model: shapes, the features/classify split, ImageNet weights (offline), checkpoints, probabilities."""
+"""cxr.nets.model: shapes, the features/classify split, ImageNet weights (offline), checkpoints, probabilities."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from cxr import config
-from cxr import model as M
+from cxr import settings as config
+from cxr.nets import model as M
 from cxr.errors import ModelError
 from cxr.findings import FINDINGS, NORMALISATIONS
 

@@ -1,8 +1,9 @@
 import numpy as np
 
-from cxr import metrics, modelcard
+from cxr.evaluation import metrics
+from cxr.evaluation import modelcard
 from cxr.findings import DISPLAY_NAMES, FINDINGS
-from cxr.model import ModelMeta
+from cxr.nets.model import ModelMeta
 
 
 def _meta() -> ModelMeta:

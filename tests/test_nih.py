@@ -1,4 +1,4 @@
-"""cxr.nih: reading ChestX-ray14's metadata, lists and boxes; tasks, splits and statistics.
+"""cxr.data.nih: reading ChestX-ray14's metadata, lists and boxes; tasks, splits and statistics.
 
 The real-data tests reproduce the paper's numbers (Elkins et al. 2020, Figure 3 and Eq. 1); the synthetic
 ones check that every malformed input is a DataError naming the file and the problem.
@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cxr import nih
+from cxr.data import nih
 from cxr.errors import CxrError, DataError
 from cxr.findings import FINDINGS
 

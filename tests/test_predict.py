@@ -1,4 +1,4 @@
-"""cxr.predict and `cxr predict`: probabilities on real films, backends, bad inputs, heatmaps, CLI output."""
+"""cxr.inference.predictor and `cxr predict`: probabilities on real films, backends, bad inputs, heatmaps, CLI output."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cxr import gate, images, transforms
-from cxr import model as M
+from cxr.inference import gate
+from cxr.images import read as images
+from cxr.data import transforms
+from cxr.nets import model as M
 from cxr.cli import app
 from cxr.cli.predict import collect, in_shard, parse_shard
 from cxr.errors import CxrError
 from cxr.findings import FINDINGS
-from cxr.predict import TOLERANCE, Predictor, resolve_backend
+from cxr.inference.predictor import TOLERANCE, Predictor, resolve_backend
 
 SIZE = 64  # a small input keeps a random Lite0 fast; the pipeline is the same at any size
 

@@ -1,4 +1,4 @@
-"""cxr.report writes every figure, table, report.json and a self-contained report.html from arrays."""
+"""cxr.evaluation.report writes every figure, table, report.json and a self-contained report.html from arrays."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from cxr import metrics, report
+from cxr.evaluation import metrics
+from cxr.evaluation import report
 from cxr.findings import FINDINGS
 
 PNG = b"\x89PNG\r\n\x1a\n"

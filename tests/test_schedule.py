@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cxr.schedule import DIV, FINAL_DIV, MOMENTUM, TwoPhaseOneCycle, one_cycle
+from cxr.training.schedule import DIV, FINAL_DIV, MOMENTUM, TwoPhaseOneCycle, one_cycle
 
 
 def test_one_cycle_warms_up_then_anneals_with_inverse_momentum():

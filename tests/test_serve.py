@@ -1,4 +1,4 @@
-"""The web API (cxr.serve) on the real Predictor with a small random-weight Lite0 checkpoint at 128 px."""
+"""The web API (cxr.web.app) on the real Predictor with a small random-weight Lite0 checkpoint at 128 px."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cxr import api_models, model as cxr_model
+from cxr.web import schemas as api_models
+from cxr.nets import model as cxr_model
 from cxr.cli.serve import resolve_port
 from cxr.errors import CxrError
 from cxr.findings import FINDINGS
-from cxr.images import read_image
-from cxr.serve import create_app
+from cxr.images.read import read_image
+from cxr.web.app import create_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -56,7 +57,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model):
-    from cxr.predict import Predictor
+    from cxr.inference.predictor import Predictor
 
     return Predictor(tiny_model, threads=1)
 
@@ -166,8 +167,7 @@ def test_large_film_reaches_the_predictor_bounded(client, film):
 
 def test_large_colour_photo_stays_colour_for_the_gate(client):
     """The gate measures colour in the original bytes: downscaling must not turn a photo gray."""
-    from cxr import gate
-
+    from cxr.inference import gate
     rng = np.random.default_rng(1)
     photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((4000, 3000))
     buf = io.BytesIO()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr.model import load
+from cxr.nets.model import load
 
 CXR = [sys.executable, "-m", "cxr"]
 
@@ -127,9 +127,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, images_512, metadata_csv)
     """2 CPU processes (gloo) at batch 4 each vs 1 process at batch 8."""
     import lightning as L
 
-    from cxr.datasets import open_films
-    from cxr.evaluate import scores
-    from cxr.model import build
+    from cxr.data.datasets import open_films
+    from cxr.evaluation.evaluate import scores
+    from cxr.nets.model import build
 
     common = ["--epochs", "2", "--precision", "32-true", "--no-augment", "--dropout", "0", "--freeze-bn",
               "--accelerator", "cpu", "--lr", "1e-4", "--loss", "unweighted"]
@@ -156,8 +156,8 @@ def test_undoing_pos_weight_restores_prevalence_and_keeps_ranking():
     """BCE with pos_weight w inflates every logit by log(w); cxr train subtracts it from the last bias."""
     import numpy as np
 
-    from cxr.model import build
-    from cxr.train import shift_probabilities, undo_pos_weight
+    from cxr.nets.model import build
+    from cxr.training.train import shift_probabilities, undo_pos_weight
 
     torch.manual_seed(0)
     net = build("efficientnet_lite0", 14, weights=None)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cxr import images, transforms
+from cxr.images import read as images
+from cxr.data import transforms
 from cxr.findings import NORMALISATIONS
 
 MEAN, STD = NORMALISATIONS["imagenet"]

@@ -46,7 +46,7 @@ def evaluate(
     """Evaluate a model: AUC and AP per finding with 95% CIs, F1 variants, the paper's Figs 7, 9-12, 21."""
     from rich.progress import Progress
 
-    from cxr.evaluate import evaluate as run
+    from cxr.evaluation.evaluate import evaluate as run
 
     with Progress(transient=True, disable=not progress) as bar:
         job = bar.add_task("scoring films", total=None)

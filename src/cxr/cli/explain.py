@@ -20,7 +20,7 @@ def load_model(spec: str | None):
     """(model, meta): the bundled model (None), a checkpoint path, or random:ARCH (untrained, seed 0)."""
     import torch
 
-    from cxr import model as M
+    from cxr.nets import model as M
     from cxr.findings import FINDINGS
 
     if spec is None or not spec.startswith(RANDOM_PREFIX):
@@ -49,7 +49,7 @@ def _pr_axes(ax, report: dict, finding: str) -> None:
     """That finding's PR curve from report.json; a report without curve points gives AP and the operating
     point at the model's threshold only, and says so on the axes."""
     from cxr.findings import DISPLAY_NAMES
-    from cxr.report import iso_f1_axes
+    from cxr.evaluation.report import iso_f1_axes
 
     iso_f1_axes(ax)
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="Recall", ylabel="Precision")
@@ -126,7 +126,7 @@ def _film_names(paths: list[Path]) -> list[str]:
 def _labels(metadata: Path | None) -> dict[str, str]:
     if metadata is None:
         return {}
-    from cxr.nih import read_metadata
+    from cxr.data.nih import read_metadata
 
     df = read_metadata(metadata)
     return dict(zip(df["image"], df["labels"]))
@@ -157,8 +157,7 @@ def explain_cmd(
     PR curve with --report) per film. Overlays of guided maps are contrast-stretched at the 99th
     percentile for visibility; the heatmap files hold the maps unstretched (max 1). Not for clinical use.
     """
-    from cxr import explain as E
-
+    from cxr.explain import gradcam as E
     if method not in E.METHODS:
         raise CxrError(f"unknown --method {method!r}; expected one of: {', '.join(E.METHODS)}")
     if heatmap_format not in ("png", "npy"):
@@ -184,7 +183,7 @@ def explain_cmd(
 
 
 def _read_films(paths: list[Path]) -> list[np.ndarray]:
-    from cxr.images import read_image
+    from cxr.images.read import read_image
 
     return [read_image(p) for p in paths]  # all read first: a bad file fails before any slow work
 
@@ -192,8 +191,8 @@ def _read_films(paths: list[Path]) -> list[np.ndarray]:
 def _read_boxes(path: Path | None) -> dict:
     if path is None:
         return {}
-    from cxr.localize import boxes_by_image
-    from cxr.nih import read_boxes
+    from cxr.explain.localize import boxes_by_image
+    from cxr.data.nih import read_boxes
 
     return boxes_by_image(read_boxes(path))
 
@@ -202,10 +201,10 @@ def _explain_one(net, meta, path: Path, folder: Path, gray: np.ndarray, names: l
     """Heatmaps, overlays and panels of one film; its localisation records."""
     from PIL import Image
 
-    from cxr import explain as E
-    from cxr import localize
+    from cxr.explain import gradcam as E
+    from cxr.explain import localize
     from cxr.findings import DISPLAY_NAMES
-    from cxr.model import probabilities
+    from cxr.nets.model import probabilities
 
     maps, logits = E.explain_films_with_logits(net, meta, [gray], names, ctx["method"])
     probs = dict(zip(meta.outputs, probabilities(logits, meta)[0].tolist()))
@@ -238,8 +237,7 @@ def _explain_one(net, meta, path: Path, folder: Path, gray: np.ndarray, names: l
 def _report_localisation(out: Path, records: list[dict], method: str) -> None:
     from rich.console import Console
 
-    from cxr import localize
-
+    from cxr.explain import localize
     localize.write_json(out / "localization.json", records, method)
     console = Console()
     if not records:

@@ -14,8 +14,8 @@ def model_card(
     title: Optional[str] = typer.Option(None, help="Title of the card (default: from the checkpoint)."),
 ) -> None:
     """Model card: data, split, validation metrics with 95% CIs, intended use, not for clinical use."""
-    from cxr import modelcard
-    from cxr.model import load_model
+    from cxr.evaluation import modelcard
+    from cxr.nets.model import load_model
 
     _, meta = load_model(model)
     text = modelcard.render(meta, title=title)

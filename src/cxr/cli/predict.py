@@ -26,7 +26,7 @@ def collect(paths: list[Path]) -> list[tuple[Path, str]]:
     A named file is always taken (its content decides what it is); in folders, films by suffix or DICOM
     magic, hidden files and folders skipped.
     """
-    from cxr.cache import is_film_file
+    from cxr.data.cache import is_film_file
 
     found: dict[str, Path] = {}
     for root in paths:
@@ -101,8 +101,8 @@ def _save_heatmaps(folder: Path, key: str, path: Path, pred) -> None:
     """One overlay PNG per finding: FOLDER/<key without suffix>/<Finding>.png (never outside FOLDER)."""
     from PIL import Image
 
-    from cxr import explain, images
-
+    from cxr.explain import gradcam as explain
+    from cxr.images import read as images
     rel = Path(key).with_suffix("")
     target = folder.joinpath(*(part for part in rel.parts if part not in ("..", ".", rel.anchor)))
     target.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def predict(
 
     A film that cannot be read or that the gate refuses gives a row with its reason and no probabilities.
     """
-    from cxr.predict import Predictor
+    from cxr.inference.predictor import Predictor
 
     if fmt not in ("csv", "json"):
         raise CxrError(f"--format {fmt!r}: expected csv or json")
@@ -191,8 +191,7 @@ def export_cmd(
     out: Path = typer.Option(..., help="File to write, e.g. cxr.onnx."),
 ) -> None:
     """Export the model for ONNX Runtime: dynamic batch, outputs 'logits' and 'features', metadata inside."""
-    from cxr import export
-
+    from cxr.inference import export
     typer.echo(f"wrote {export.export(model, out, fmt)}")
 
 
@@ -211,9 +210,10 @@ def gate_fit(
     """Fit the not-a-chest-X-ray gate on real films and store it in the checkpoint."""
     import dataclasses
 
-    from cxr import config, gate
-    from cxr import model as M
-    from cxr.predict import Predictor
+    from cxr import settings as config
+    from cxr.inference import gate
+    from cxr.nets import model as M
+    from cxr.inference.predictor import Predictor
 
     source = model if model is not None else config.BUNDLED_MODEL
     films = [p for p, _ in collect(data)]

@@ -22,7 +22,7 @@ def prepare(
     """Decode every film once, resize it and store it in one memory-mapped file; re-running adds only new films."""
     from rich.console import Console
 
-    from cxr.cache import prepare as run_prepare
+    from cxr.data.cache import prepare as run_prepare
 
     report = run_prepare(images_dir, out, size=size, workers=workers, progress=True)
     console = Console()
@@ -51,8 +51,8 @@ def augment_preview(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cxr import images, transforms
-
+    from cxr.images import read as images
+    from cxr.data import transforms
     gray = images.read_image(image)
     # mean 0, std 1: the grid shows the augmented film in [0, 1], before the model's normalisation
     plain = dict(mean=(0.0,) * 3, std=(1.0,) * 3)

@@ -37,7 +37,7 @@ def serve(
     """Serve the web page and the JSON API (OpenAPI at /openapi.json, reference at /docs). Not for clinical use."""
     import uvicorn
 
-    from cxr.serve import create_app
+    from cxr.web.app import create_app
 
     port = resolve_port(port)
     app = create_app(model=model, max_concurrency=concurrency, max_queue=queue, threads=threads)

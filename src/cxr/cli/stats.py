@@ -12,7 +12,7 @@ import typer
 METADATA_NAME = "Data_Entry_2017_v2020.csv.gz"
 
 
-# The choices mirror cxr.nih.TASKS and SPLITS (a test keeps them equal); nih is imported inside the
+# The choices mirror cxr.data.nih.TASKS and SPLITS (a test keeps them equal); nih is imported inside the
 # command so that `cxr --help` does not pay for pandas.
 class Task(str, enum.Enum):
     multilabel = "multilabel"
@@ -46,8 +46,8 @@ def stats(
     """Label counts, co-occurrences, class weights (Eq. 1), BCE pos_weight and, with --split, a split."""
     import warnings
 
-    from cxr import nih
-    from cxr.config import data_dir
+    from cxr.data import nih
+    from cxr.settings import data_dir
 
     metadata = metadata or data_dir() / METADATA_NAME
     df = nih.read_metadata(metadata)
@@ -70,7 +70,7 @@ def stats(
 
 def summarise(df, task: str, split: str | None, seed: int, lists_dir: Path) -> dict[str, Any]:
     """Everything `cxr stats` reports, as JSON-ready values."""
-    from cxr import nih
+    from cxr.data import nih
     from cxr.findings import FINDINGS
 
     data = nih.select_task(df, task)

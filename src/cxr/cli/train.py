@@ -46,7 +46,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a model (the paper's recipe by default) and write a cxr checkpoint with its thresholds."""
-    from cxr.train import TrainConfig, fit
+    from cxr.training.train import TrainConfig, fit
 
     cfg = TrainConfig(
         data=data, metadata=metadata, out=out, task=task, split=split, seed=seed, val_fraction=val_fraction,
@@ -83,8 +83,8 @@ def lr_find(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """LR range test over several weight decays; suggests the LR at the steepest loss descent."""
-    from cxr.lrfind import lr_find as run
-    from cxr.train import TrainConfig
+    from cxr.training.lrfind import lr_find as run
+    from cxr.training.train import TrainConfig
 
     cfg = TrainConfig(data=data, metadata=metadata, out=out, task=task, split=split, seed=seed, arch=arch,
                       weights=None if weights == "none" else weights, size=size, batch_size=batch_size,

@@ -1,4 +1,4 @@
-"""`cxr evaluate`: a model's scores on labelled films, then metrics (cxr.metrics) and the report (cxr.report).
+"""`cxr evaluate`: a model's scores on labelled films, then metrics (cxr.evaluation.metrics) and the report (cxr.evaluation.report).
 
 Labels come from NIH's metadata joined by file name; films the metadata does not know are reported and
 skipped, as are films that cannot be decoded. `scores` is the one batch-inference loop, shared with training.
@@ -30,8 +30,8 @@ class _Inputs(Dataset):
         return len(self.names)
 
     def __getitem__(self, i: int):
-        from cxr.images import ImageError
-        from cxr.transforms import preprocess
+        from cxr.images.read import ImageError
+        from cxr.data.transforms import preprocess
 
         try:
             return preprocess(self.films.read(self.names[i]), self.meta), True
@@ -45,18 +45,18 @@ class _Inputs(Dataset):
 def scores(model, meta, films, names: Sequence[str], batch_size: int = 32, *, device=None, workers: int = 0,
            bf16: bool | None = None, channels_last: bool = True, skip_unreadable: bool = False,
            progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Probabilities (len(names) x len(meta.outputs), float32) from `cxr.model.probabilities`.
+    """Probabilities (len(names) x len(meta.outputs), float32) from `cxr.nets.model.probabilities`.
 
-    Films are read from `films` (`cxr.datasets.open_films`) and go through the model's own evaluation
+    Films are read from `films` (`cxr.data.datasets.open_films`) and go through the model's own evaluation
     transform. Runs under inference_mode with channels_last (which converts `model`'s
     weights in place: same numbers, faster layout); the model's train/eval mode is restored afterwards.
     bf16: autocast to bf16; None = where it is fast (GPUs, CPUs with native bf16; fp32 elsewhere).
     skip_unreadable: rows of films that fail to decode are NaN instead of raising.
     progress: called with the number of films done after each batch.
     """
-    from cxr.model import probabilities
+    from cxr.nets.model import probabilities
 
-    from cxr.config import cpu_has_fast_bf16
+    from cxr.settings import cpu_has_fast_bf16
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if bf16 is None:
@@ -88,8 +88,7 @@ def scores(model, meta, films, names: Sequence[str], batch_size: int = 32, *, de
 
 def model_info(spec, meta) -> dict:
     """What report.json says about a model: where it came from and how it was made."""
-    from cxr import config
-
+    from cxr import settings as config
     path = Path(spec) if spec is not None else config.BUNDLED_MODEL
     cfg = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
     return {"name": path.stem, "path": str(path), "arch": meta.arch, "task": meta.task, "outputs": meta.outputs,
@@ -105,8 +104,7 @@ def _labelled_films(films, metadata, meta, task: str | None, notes: list[str]) -
     """(task frame of the films present, their targets, the task, names unknown to the metadata).
 
     Films the metadata lacks, and films outside the task (No Finding films for the paper's tasks), are noted."""
-    from cxr import nih
-
+    from cxr.data import nih
     task = task or meta.task
     if task not in nih.TASKS:
         raise CxrError(f"unknown task {task!r}; expected one of {', '.join(nih.TASKS)}")
@@ -128,8 +126,7 @@ def _labelled_films(films, metadata, meta, task: str | None, notes: list[str]) -
 
 def _split_names(df, meta, split: str, subset: str, seed: int | None, metadata, lists) -> set[str]:
     """The subset's film names: from a training run's split.json, or re-made the way `cxr train` makes it."""
-    from cxr import nih
-
+    from cxr.data import nih
     if split == "model":  # the film names the checkpoint recorded for this subset (the bundled model does)
         recorded = (meta.provenance.get("split") or {}).get(subset)
         if not recorded:
@@ -175,8 +172,9 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
     default to the model's own) or a run's split.json; subset: 'val', 'test' or 'all'. compare: a
     second checkpoint scored on the same films (Fig. 21). Metrics use the model's stored thresholds.
     """
-    from cxr import metrics, report
-    from cxr.model import load_model
+    from cxr.evaluation import metrics
+    from cxr.evaluation import report
+    from cxr.nets.model import load_model
 
     if subset not in SUBSETS:
         raise CxrError(f"unknown subset {subset!r}; expected one of {', '.join(SUBSETS)}")
@@ -241,7 +239,7 @@ def _thinned_pr_curve(y1: np.ndarray, p1: np.ndarray, points: int = 200) -> dict
 def _score_source(data, metadata, model, meta, model_b, meta_b, task, split, subset, seed, lists, notes,
                   **kw) -> dict:
     """Labels and probabilities for the films of one --data source (skipped films are noted)."""
-    from cxr.datasets import open_films
+    from cxr.data.datasets import open_films
 
     films = open_films(data)
     df, targets, task, unknown = _labelled_films(films, metadata, meta, task, notes)

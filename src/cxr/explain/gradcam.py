@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxr import transforms
+from cxr.data import transforms
 from cxr.errors import CxrError
 from cxr.findings import DISPLAY_NAMES, canonical
 

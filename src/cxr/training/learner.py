@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import lightning as L
 
-from cxr.model import freeze_body
-from cxr.schedule import TwoPhaseOneCycle
+from cxr.nets.model import freeze_body
+from cxr.training.schedule import TwoPhaseOneCycle
 
 
 def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxr import config
+from cxr import settings as config
 from cxr.errors import ModelError
 from cxr.findings import FINDINGS, NORMALISATIONS
 
@@ -355,7 +355,7 @@ def save(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
 def _pickle_message(path: Path) -> str:
     return (f"{path} looks like a PyTorch pickle: cxr never unpickles (a pickle can run arbitrary code). "
             "Convert it once, where you trust it: torch.load(it, weights_only=True) the state dict, load it "
-            "into cxr.model.build(arch, n_outputs) and write it with cxr.model.save(NAME.safetensors, model, meta).")
+            "into cxr.nets.model.build(arch, n_outputs) and write it with cxr.nets.model.save(NAME.safetensors, model, meta).")
 
 
 def _read_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], ModelMeta]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import images
+from cxr.images import read as images
 from cxr.errors import DataError
 
 DATA, INDEX, FAILED = "images.u8", "index.json", "failed.json"

@@ -1,6 +1,6 @@
 """The not-a-chest-X-ray gate: refuse a photo, a screenshot, a CT slice or noise instead of reading 14 numbers.
 
-Two stages, both run by `cxr.predict.Predictor` on every input:
+Two stages, both run by `cxr.inference.predictor.Predictor` on every input:
 
 1. Image checks on the decoded film, before the network (`image_check`): strongly coloured images (films
    are grayscale; `colourfulness` reads the ORIGINAL colours, before `images.read_image` makes them gray),
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cxr import config
+from cxr import settings as config
 from cxr.errors import CxrError, ModelError
 
 REFUSAL = "not a frontal chest X-ray"
@@ -72,7 +72,7 @@ def colourfulness(src) -> float:
     """
     from PIL import Image
 
-    from cxr.images import colourfulness_of
+    from cxr.images.read import colourfulness_of
 
     try:
         im = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
@@ -217,7 +217,7 @@ def fit(predictor, films: Sequence[str | os.PathLike], *, dims: int = 64, percen
         margin: float = 1.1, calibration_fraction: float = 0.35, max_films: int | None = 4000,
         low_res: int = config.MIN_SIDE,
         progress: Callable[[int], None] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Fit the gate on real films with a `cxr.predict.Predictor` (its backend computes the features).
+    """Fit the gate on real films with a `cxr.inference.predictor.Predictor` (its backend computes the features).
 
     Returns (meta.gate, extra tensors). Films are split by hashed file name into fit and calibration
     sets; every film is also used downscaled to `low_res` px (see the module docstring).

@@ -75,8 +75,7 @@ def to_onnx(model: nn.Module, meta) -> bytes:
 
 def export(model_spec: str | os.PathLike | None, out: str | os.PathLike, fmt: str = "onnx") -> Path:
     """Load a checkpoint (None = bundled) and write it as `fmt` to `out`, atomically."""
-    from cxr import model as M
-
+    from cxr.nets import model as M
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     net, meta = M.load_model(model_spec)
@@ -97,7 +96,7 @@ def read_meta(onnx_model: str | os.PathLike | bytes):
     """The ModelMeta stored in an exported file (path or bytes)."""
     import onnx
 
-    from cxr.model import ModelMeta
+    from cxr.nets.model import ModelMeta
 
     given = isinstance(onnx_model, bytes)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from cxr import metrics
+from cxr.evaluation import metrics
 from cxr.findings import DISPLAY_NAMES, FINDINGS, canonical
 
 NOT_FOR_CLINICAL_USE = ("Not for clinical use. A research reproduction of Elkins, Freitas & Sanz (2020); its "
@@ -42,7 +42,7 @@ def _column(y, p, finding: str, findings: Sequence[str] | None):
     return y[:, j], p[:, j]
 
 
-# ---- axes helpers (also used by cxr.explain for its per-finding panels) -------------------------------
+# ---- axes helpers (also used by cxr.explain.gradcam for its per-finding panels) -------------------------------
 
 def iso_f1_axes(ax, levels: Sequence[float] = ISO_F1) -> None:
     """Grey curves of constant F1 in the precision-recall plane (the paper's Fig. 12)."""
@@ -361,7 +361,7 @@ def render_html(summary: dict, figure_paths: dict[str, Path]) -> str:
 def write_report(out_dir, y, p, summary: dict, *, compare=None, labels=("model", "comparison")) -> dict[str, Path]:
     """Figures, tables, report.json and report.html into out_dir; returns what was written, by name.
 
-    summary: `cxr.metrics.summarize(y, p, ...)`, optionally with 'model', 'data', 'compare' added.
+    summary: `cxr.evaluation.metrics.summarize(y, p, ...)`, optionally with 'model', 'data', 'compare' added.
     compare: a second model's scores on the same films (Fig. 21), labelled by `labels`.
     """
     out = Path(out_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.train import TrainConfig, _loader_factory, default_channels_last, default_precision, prepare_data
+from cxr.training.train import TrainConfig, _loader_factory, default_channels_last, default_precision, prepare_data
 
 PAPER_WEIGHT_DECAYS = (0.0, 1e-1, 1e-3, 1e-5)
 
@@ -22,10 +22,10 @@ def lr_find(cfg: TrainConfig, weight_decays=PAPER_WEIGHT_DECAYS, min_lr: float =
     import lightning as L
     from lightning.pytorch.tuner import Tuner
 
-    from cxr import model as M
+    from cxr.nets import model as M
     from cxr.findings import NORMALISATIONS
-    from cxr.learner import Learner
-    from cxr.losses import make_loss
+    from cxr.training.learner import Learner
+    from cxr.training.losses import make_loss
 
     cfg.out = Path(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent.parent
 
 # The bundled demonstration model: weights (safetensors with JSON metadata) and its model card.
-BUNDLED_MODEL = PACKAGE_DIR / "models" / "cxr-demo.safetensors"
+BUNDLED_MODEL = PACKAGE_DIR / "assets" / "cxr-demo.safetensors"
 
 # Inputs: refuse films too small to read and headers that promise a decompression bomb.
 MIN_SIDE = 64

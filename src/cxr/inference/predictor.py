@@ -2,14 +2,14 @@
 
 file or bytes -> images.read_image -> gate.image_check -> transforms.preprocess -> network (logits and
 pooled features, one pass) -> gate distance -> per-finding probabilities (independent sigmoids, never
-renormalised; P(Pneumothorax) alone for the 2-class model) -> optional Grad-CAM heatmaps (cxr.explain).
+renormalised; P(Pneumothorax) alone for the 2-class model) -> optional Grad-CAM heatmaps (cxr.explain.gradcam).
 
 Decoding runs in a small thread pool ahead of the network (PNG/JPEG decoding and resizing release the
 GIL), so films are decoded while the previous batch is inferred.
 
 Backends (`backend=`), each held to a stated max abs difference in probability from fp32 eager torch:
 
-- "onnx": ONNX Runtime fp32 on the exported graph (cxr.export; cached per checkpoint). Tolerance 1e-4
+- "onnx": ONNX Runtime fp32 on the exported graph (cxr.inference.export; cached per checkpoint). Tolerance 1e-4
   (measured ~2e-6).
 - "torch": eager fp32, channels_last. Tolerance 1e-4 (measured ~1e-6).
 - "auto": "onnx" when onnxruntime is installed, else "torch". Measured on the project's CPU (2-core AMD
@@ -38,8 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr import config, gate, images, transforms
-from cxr import model as M
+from cxr import settings as config
+from cxr.inference import gate
+from cxr.images import read as images
+from cxr.data import transforms
+from cxr.nets import model as M
 from cxr.errors import CxrError, ModelError
 
 BACKENDS = ("auto", "onnx", "torch")
@@ -108,8 +111,7 @@ class _TorchBackend:
 
 class _OnnxBackend:
     def __init__(self, data: bytes, threads: int | None):
-        from cxr import export
-
+        from cxr.inference import export
         self.session, self.inputs, self.outputs = export.session(data, threads), export.INPUT, list(export.OUTPUTS)
 
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +154,7 @@ class Predictor:
     def _make_backend(self) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]:
         if self.backend == "torch":
             return _TorchBackend(self.model)
-        from cxr import export
-
+        from cxr.inference import export
         try:
             return _OnnxBackend(export.cached_onnx(self.path, self.model, self.meta), self.threads)
         except Exception:  # noqa: BLE001 - a damaged cache file: export afresh once before giving up
@@ -274,8 +275,7 @@ class Predictor:
     def _heatmap_targets(self, heatmaps: bool | Sequence[str]) -> list[int]:
         if heatmaps is False or heatmaps is None or (not isinstance(heatmaps, (bool, str)) and not len(heatmaps)):
             return []
-        from cxr import explain
-
+        from cxr.explain import gradcam as explain
         return explain.target_indices(self.meta, "all" if heatmaps is True else heatmaps)
 
     def _forward(self, x: torch.Tensor, targets: list[int]) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
@@ -283,8 +283,7 @@ class Predictor:
         if not targets:
             logits, feats = self._run(x)
             return logits, feats, None
-        from cxr import explain
-
+        from cxr.explain import gradcam as explain
         self._tap.on = True
         try:
             logits, cams = explain.gradcam(self.model, x, targets, meta=self.meta)
@@ -307,8 +306,7 @@ class Predictor:
                 for f in batch]
 
     def _heatmaps(self, cams: torch.Tensor, gray: np.ndarray, targets: list[int]) -> dict[str, np.ndarray]:
-        from cxr import explain
-
+        from cxr.explain import gradcam as explain
         full = explain.upsample(cams.numpy(), gray.shape)  # the film was squashed to a square: unsquash
         return {self.meta.outputs[t]: full[k].astype(np.float32, copy=False) for k, t in enumerate(targets)}
 

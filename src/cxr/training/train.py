@@ -104,7 +104,7 @@ class SeededFilms(Dataset):
 def default_precision(accelerator: str) -> str:
     """AMP on GPUs (bf16 where supported, else fp16); on CPUs bf16 autocast only where the CPU computes
     bf16 natively, fp32 elsewhere (emulated bf16 is slower than fp32, see config.cpu_has_fast_bf16)."""
-    from cxr.config import cpu_has_fast_bf16
+    from cxr.settings import cpu_has_fast_bf16
 
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
@@ -114,7 +114,7 @@ def default_precision(accelerator: str) -> str:
 def default_channels_last(accelerator: str) -> bool:
     """channels_last where it pays: GPUs, and CPUs with native bf16 (oneDNN's blocked kernels). On an
     AVX2-only CPU, DenseNet-121 training measured slower in channels_last than in the default layout."""
-    from cxr.config import cpu_has_fast_bf16
+    from cxr.settings import cpu_has_fast_bf16
 
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return gpu or cpu_has_fast_bf16()
@@ -153,7 +153,7 @@ class Prepared:
 def _subset(sources, names: set[str], lookup: dict[str, int], targets: np.ndarray, transform):
     from torch.utils.data import ConcatDataset
 
-    from cxr.datasets import FilmDataset
+    from cxr.data.datasets import FilmDataset
 
     parts = []
     for films in sources:
@@ -165,10 +165,10 @@ def _subset(sources, names: set[str], lookup: dict[str, int], targets: np.ndarra
 
 def prepare_data(cfg: TrainConfig, mean, std) -> Prepared:
     """Labels from the metadata, joined by file name to the films found under every --data source."""
-    from cxr import nih
-    from cxr.datasets import open_films
+    from cxr.data import nih
+    from cxr.data.datasets import open_films
     from cxr.errors import DataError
-    from cxr.transforms import eval_transform, train_transform
+    from cxr.data.transforms import eval_transform, train_transform
 
     table = nih.read_metadata(cfg.metadata)
     sources = [open_films(p) for p in cfg.data]
@@ -227,7 +227,7 @@ def _trainer(cfg: TrainConfig):
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    from cxr.callbacks import AtomicLastCheckpoint, EpochCSV
+    from cxr.training.callbacks import AtomicLastCheckpoint, EpochCSV
 
     n_dev = int(cfg.devices) if str(cfg.devices).isdigit() else 1
     bar = RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=10)
@@ -251,11 +251,11 @@ def fit(cfg: TrainConfig) -> Path:
 
     import lightning as L
 
-    from cxr import model as M
+    from cxr.nets import model as M
     from cxr.errors import CxrError
     from cxr.findings import NORMALISATIONS
-    from cxr.learner import Learner
-    from cxr.losses import make_loss
+    from cxr.training.learner import Learner
+    from cxr.training.losses import make_loss
 
     cfg.out = Path(cfg.out)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -317,9 +317,9 @@ def final_meta(cfg: TrainConfig, data: Prepared, norm: str, val_outputs):
     import torchvision
 
     import cxr
-    from cxr import metrics
+    from cxr.evaluation import metrics
     from cxr.findings import NORMALISATIONS
-    from cxr.model import ModelMeta
+    from cxr.nets.model import ModelMeta
 
     names = data.class_names
     thresholds = {n: 0.5 for n in names}

@@ -16,7 +16,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from cxr import config
+from cxr import settings as config
 from cxr.errors import CxrError
 
 
@@ -90,13 +90,13 @@ def read_image(
         if not head:
             raise EmptyImageError(f"{label}: the file is empty (0 bytes); {_FIX}")
         if head[128:132] == b"DICM":
-            from cxr.dicom import read_dicom
+            from cxr.images.dicom import read_dicom
 
             return read_dicom(fp, label, limits, force=False)
         im = _pillow_open(fp, label, limits)
         if im is None:
             if _looks_like_bare_dicom(head):
-                from cxr.dicom import read_dicom
+                from cxr.images.dicom import read_dicom
 
                 fp.seek(0)
                 return read_dicom(fp, label, limits, force=True)

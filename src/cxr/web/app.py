@@ -27,17 +27,17 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cxr import api_models as M
-from cxr import config, images
-
-log = logging.getLogger("cxr.serve")
+from cxr.web import schemas as M
+from cxr import settings as config
+from cxr.images import read as images
+log = logging.getLogger("cxr.web.app")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UPLOAD_LABEL = "the uploaded file"  # never the client's file name: it may carry a patient's name
 MULTIPART_OVERHEAD = 64 * 1024  # part headers and boundaries allowed on top of the file itself
 
 # python-multipart logs the offending bytes of a malformed body as warnings; it raises as well, and the
 # client gets the error, so its parser gets a logger that drops everything: bodies never reach a log.
-_PARSER_LOG = logging.getLogger("cxr.serve.multipart")
+_PARSER_LOG = logging.getLogger("cxr.web.app.multipart")
 _PARSER_LOG.propagate = False
 _PARSER_LOG.addHandler(logging.NullHandler())
 _PARSER_LOG.setLevel(logging.CRITICAL + 1)
@@ -272,7 +272,7 @@ def create_app(predictor=None, *, model: str | Path | None = None, max_concurren
     further request gets 503. Raises errors.ModelError when the model cannot be loaded.
     """
     if predictor is None:
-        from cxr.predict import Predictor
+        from cxr.inference.predictor import Predictor
 
         predictor = Predictor(model, threads=threads)
     meta = predictor.meta
@@ -337,7 +337,6 @@ def create_app(predictor=None, *, model: str | Path | None = None, max_concurren
 
 def _version() -> str:
     from cxr import __version__
-
     return __version__
 
 

@@ -133,8 +133,8 @@ def model_card(meta: Any, name: str, outputs: Sequence[str]) -> ModelCard:
 
 
 def _card_intended_use() -> str:
-    """The model card's wording (cxr.modelcard), so the page and the written card say the same."""
-    from cxr.modelcard import INTENDED_USE
+    """The model card's wording (cxr.evaluation.modelcard), so the page and the written card say the same."""
+    from cxr.evaluation.modelcard import INTENDED_USE
 
     return INTENDED_USE
 
@@ -218,8 +218,7 @@ def bounded_film(data: bytes, gray: np.ndarray) -> tuple[bytes, np.ndarray]:
     original bytes: a photo must still be refused), a gray one becomes a 16-bit PNG (its gray levels kept).
     Done for every request, so probabilities never depend on whether heatmaps were asked for.
     """
-    from cxr import images
-
+    from cxr.images import read as images
     h, w = gray.shape
     if max(h, w) <= FILM_MAX_SIDE:
         return data, gray
@@ -298,9 +297,9 @@ def heatmap_png(heat: np.ndarray) -> str:
 
 
 def colorize_rgb(heat: np.ndarray) -> np.ndarray:
-    """uint8 H x W x 3: cxr.explain's colormap when it has one, so the page matches the CLI's figures."""
+    """uint8 H x W x 3: cxr.explain.gradcam's colormap when it has one, so the page matches the CLI's figures."""
     try:
-        from cxr.explain import colorize
+        from cxr.explain.gradcam import colorize
     except ImportError:  # explain not installed in this build: the conventional Grad-CAM colormap
         colorize = None
     if colorize is not None:

@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from cxr.images import (
+from cxr.images.read import (
     _FIX,
     CorruptImageError,
     ImageError,

@@ -2,7 +2,7 @@
 
 Both sources have `.names` (file names such as 00000001_000.png, the key NIH's metadata uses) and
 `.read(name) -> gray float32 in [0, 1]`; `FilmDataset` pairs them with targets and a transform from
-`cxr.transforms`. Everything here pickles cheaply, as DataLoader workers need.
+`cxr.data.transforms`. Everything here pickles cheaply, as DataLoader workers need.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cxr import images
-from cxr.cache import INDEX, Cache, find_films
+from cxr.images import read as images
+from cxr.data.cache import INDEX, Cache, find_films
 from cxr.errors import DataError
 
 

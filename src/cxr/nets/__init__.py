@@ -1,0 +1,1 @@
+"""Nets: the architectures (a registry), the paper's head, and safetensors checkpoints with metadata."""

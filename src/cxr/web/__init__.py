@@ -1,0 +1,1 @@
+"""Web: the FastAPI app that serves the page and the REST API over the one Predictor."""
