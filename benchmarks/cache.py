@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxr.images import read as images
+from cxr import images
 from cxr.data.cache import Cache, prepare
 from cxr.settings import data_dir
 

@@ -1,8 +1,9 @@
 """Training throughput: DenseNet-121 at 224, batch 16, fp32 eager vs cxr's default, in the same run.
 
-cxr's default on a CPU is bf16 autocast + channels_last where the CPU computes bf16 natively (AVX512-BF16
-or AMX), and plain fp32 elsewhere, because there emulated bf16 and channels_last are both slower (this
-script measures them too, so the choice can be checked). On a GPU: AMP + channels_last.
+cxr's default on every CPU is plain fp32 in the default layout, so that a run's numbers do not depend on
+the CPU; bf16 autocast (`--precision bf16-mixed`) is opt-in. This script measures bf16 + channels_last too,
+so the opt-in can be judged on the CPU at hand (emulated bf16 on AVX2-only CPUs is far slower). On a GPU:
+AMP + channels_last.
 
 Run from the repo root:  .venv/bin/python benchmarks/train.py [--steps 3] [--device cpu|cuda]
 """
@@ -16,7 +17,7 @@ import time
 import torch
 
 from cxr.training.losses import make_loss
-from cxr.nets.model import build
+from cxr.nets import build
 from cxr.training.train import default_channels_last, default_precision
 
 

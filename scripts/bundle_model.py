@@ -44,8 +44,8 @@ def honest_probabilities(path: Path, run: Path) -> None:
     model's run was): undo it here, exactly as `cxr train` now does, and move the thresholds with it."""
     import numpy as np
 
-    from cxr.nets import model as M
-    from cxr.data import nih
+    from cxr import nets as M
+    from cxr.data import nih, splits
     from cxr.training.train import shift_probabilities, undo_pos_weight
 
     net, meta = M.load(path)
@@ -53,7 +53,7 @@ def honest_probabilities(path: Path, run: Path) -> None:
         return
     table = nih.select_task(nih.read_metadata(f"{DATA}/Data_Entry_2017_v2020.csv.gz"), meta.task)
     train = set(json.loads((run / "split.json").read_text())["train"])
-    pos_weight = nih.pos_weight(np.asarray(table.targets)[table.df["image"].isin(train).to_numpy()])
+    pos_weight = splits.pos_weight(np.asarray(table.targets)[table.df["image"].isin(train).to_numpy()])
     undo_pos_weight(net, pos_weight)
     shifted = shift_probabilities([meta.thresholds[f] for f in meta.outputs], pos_weight)
     meta = dataclasses.replace(meta, thresholds=dict(zip(meta.outputs, map(float, shifted))),
@@ -78,7 +78,7 @@ def main() -> None:
 
     from cxr import settings as config
     from cxr.evaluation import modelcard
-    from cxr.nets import model as M
+    from cxr import nets as M
     net, meta = M.load(gated)
     report = json.loads((args.run / "eval" / "report.json").read_text())
     report["subset"] = "validation"

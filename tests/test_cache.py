@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cxr.data import cache
-from cxr.images import read as images
+from cxr.data import films as film_files
+from cxr import images
 from cxr.data.cache import Cache, CacheError, prepare
 
 SIZE = 64
@@ -136,11 +137,11 @@ def test_find_films_refuses_clashing_names_and_sniffs_dicom(tmp_path, films_512)
         (tmp_path / "clash" / d).mkdir(parents=True)
         shutil.copy(films_512[0], tmp_path / "clash" / d)
     with pytest.raises(cache.DataError, match="more than one subfolder"):
-        cache.find_films(tmp_path / "clash")
+        film_files.find_films(tmp_path / "clash")
     (tmp_path / "pacs").mkdir()
     (tmp_path / "pacs" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     (tmp_path / "pacs" / "LOG").write_bytes(b"plain text without a preamble" * 8)
-    films, ignored = cache.find_films(tmp_path / "pacs")
+    films, ignored = film_files.find_films(tmp_path / "pacs")
     assert list(films) == ["IM0001"] and [p.name for p in ignored] == ["LOG"]
 
 

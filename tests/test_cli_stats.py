@@ -7,10 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cxr.data import nih
+from cxr.data import splits
 from cxr.cli import app
 from cxr.cli.stats import SplitKind, Task
 from cxr.errors import DataError
+from cxr.tasks import task_names
 
 from test_nih import FIGURE_3, FIGURE_3_ORDER, HEADER, ROWS, write
 
@@ -31,8 +32,8 @@ def run_json(*args: str) -> dict:
 
 
 def test_choices_match_the_library():
-    assert tuple(t.value for t in Task) == nih.TASKS
-    assert tuple(s.value for s in SplitKind) == nih.SPLITS
+    assert tuple(t.value for t in Task) == task_names()
+    assert tuple(s.value for s in SplitKind) == splits.SPLITS
 
 
 def test_json_on_the_real_metadata_reproduces_the_paper(metadata_csv):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cxr.images import read as images
+from cxr import images
 from cxr.data.cache import Cache, prepare
 from cxr.data.datasets import FilmDataset, FilmFolder, open_films
 from cxr.errors import DataError

@@ -1,4 +1,4 @@
-"""cxr.nets.model: shapes, the features/classify split, ImageNet weights (offline), checkpoints, probabilities."""
+"""cxr.nets: shapes, the features/classify split, ImageNet weights (offline), checkpoints, probabilities."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from cxr import settings as config
-from cxr.nets import model as M
+from cxr import nets as M
+from cxr.nets import densenet
 from cxr.errors import ModelError
 from cxr.findings import FINDINGS, NORMALISATIONS
+from conftest import make_meta
 
 torch.set_num_threads(1)
 
@@ -38,10 +40,7 @@ def nets(dense, lite):
 
 
 def meta_for(arch: str, task: str = "multilabel", **kw) -> M.ModelMeta:
-    two = task == "pneumothorax"
-    return M.ModelMeta(arch=arch, task=task, outputs=M.TWO_CLASS_OUTPUTS if two else list(FINDINGS),
-                       activation="softmax" if two else "sigmoid",
-                       normalisation=M.default_normalisation(arch), **kw)
+    return make_meta(arch, task, **kw)
 
 
 CHANNELS = {"densenet121": 1024, "efficientnet_lite0": 1280}
@@ -176,7 +175,7 @@ def test_densenet_imagenet_missing_is_an_error_not_a_download(monkeypatch, tmp_p
     assert str(tmp_path / "checkpoints") in str(err.value)
     monkeypatch.setenv("CXR_IMAGENET_WEIGHTS", str(tmp_path / "nowhere.pth"))
     with pytest.raises(ModelError, match="nowhere.pth does not exist"):
-        M.densenet_imagenet_path()
+        densenet.densenet_imagenet_path()
 
 
 def test_densenet_imagenet_from_hub_cache(monkeypatch, tmp_path, dense):
@@ -189,7 +188,7 @@ def test_densenet_imagenet_from_hub_cache(monkeypatch, tmp_path, dense):
     assert "features.denseblock1.denselayer1.norm.1.weight" in old
     old["classifier.weight"], old["classifier.bias"] = torch.zeros(1000, 1024), torch.zeros(1000)
     (tmp_path / "checkpoints").mkdir()
-    torch.save(old, tmp_path / "checkpoints" / M.DENSENET_FILE)
+    torch.save(old, tmp_path / "checkpoints" / densenet.DENSENET_FILE)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.delenv("CXR_IMAGENET_WEIGHTS", raising=False)
     torch.manual_seed(1)  # a different random init, so equality below can only come from the file

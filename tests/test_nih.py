@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from cxr.data import nih
+from cxr.data import nih, splits
 from cxr.errors import CxrError, DataError
 from cxr.findings import FINDINGS
 
@@ -111,22 +111,22 @@ def test_real_tasks(metadata):
 
 def test_real_class_weights_are_eq_1(metadata):
     ptx = nih.select_task(metadata, "pneumothorax")
-    weights = nih.class_weights(ptx)
+    weights = splits.class_weights(ptx)
     assert weights["All others"] == pytest.approx(51_759 / (2 * 46_457))
     assert weights["Pneumothorax"] == pytest.approx(51_759 / (2 * 5_302))
     assert (round(weights["All others"], 4), round(weights["Pneumothorax"], 4)) == (0.5571, 4.8811)
     paper = nih.select_task(metadata, "multilabel-paper")
-    per_finding = nih.class_weights(paper)
+    per_finding = splits.class_weights(paper)
     assert per_finding["Hernia"] == pytest.approx([51_759 / (2 * (51_759 - 227)), 51_759 / (2 * 227)])
-    pw = nih.pos_weight(paper.targets)
+    pw = splits.pos_weight(paper.targets)
     assert pw[FINDINGS.index("Hernia")] == pytest.approx((51_759 - 227) / 227)
     assert pw[FINDINGS.index("Pneumothorax")] == pytest.approx(46_457 / 5_302)
 
 
 def test_real_random_split_is_the_papers_and_warns_of_its_leak(metadata):
     ptx = nih.select_task(metadata, "pneumothorax")
-    with pytest.warns(nih.PatientLeakWarning, match=r"puts \d+ patients in both train and validation") as caught:
-        split = nih.make_split(ptx.df, "random", seed=42)
+    with pytest.warns(splits.PatientLeakWarning, match=r"puts \d+ patients in both train and validation") as caught:
+        split = splits.make_split(ptx.df, "random", seed=42)
     assert split.sizes() == {"train": 41_408, "val": 10_351, "test": 0}  # the paper's sizes
     leaked = split.patient_overlap["train-val"]
     assert leaked > 1000 and str(leaked) in str(caught[0].message)
@@ -135,22 +135,22 @@ def test_real_random_split_is_the_papers_and_warns_of_its_leak(metadata):
 
 def test_real_patient_split_shares_no_patient(metadata):
     ptx = nih.select_task(metadata, "pneumothorax")
-    split = nih.make_split(ptx.df, "patient", seed=42)
+    split = splits.make_split(ptx.df, "patient", seed=42)
     assert split.patient_overlap == {"train-val": 0, "train-test": 0, "val-test": 0}
     assert sorted(split.train + split.val + split.test) == sorted(ptx.df["image"])
     for part, share in (("val", 0.1), ("test", 0.1)):
         assert abs(split.sizes()[part] - share * 51_759) < 100  # whole patients, so close to the fraction
-    again, other = nih.make_split(ptx.df, "patient", seed=42), nih.make_split(ptx.df, "patient", seed=7)
+    again, other = splits.make_split(ptx.df, "patient", seed=42), splits.make_split(ptx.df, "patient", seed=7)
     assert again.val == split.val and other.val != split.val
 
 
 def test_real_official_split_intersects_the_lists_with_the_task(metadata, official):
     assert (len(official.train_val), len(official.test)) == (86_524, 25_596)
-    full = nih.make_split(metadata, "official", lists=official)
+    full = splits.make_split(metadata, "official", lists=official)
     assert set(full.test) == set(official.test) and set(full.train + full.val) == set(official.train_val)
     assert full.patient_overlap == {"train-val": 0, "train-test": 0, "val-test": 0}
     ptx = nih.select_task(metadata, "pneumothorax")
-    sub = nih.make_split(ptx.df, "official", lists=official, val=0.2)
+    sub = splits.make_split(ptx.df, "official", lists=official, val=0.2)
     assert set(sub.test) == set(official.test) & set(ptx.df["image"])
     assert sum(sub.sizes().values()) == 51_759
     assert sub.patient_overlap == {"train-val": 0, "train-test": 0, "val-test": 0}
@@ -264,14 +264,14 @@ def test_official_split_on_a_subset_and_films_outside_the_lists(tmp_path, small_
     lists = nih.read_official_lists(lists_in(tmp_path, [r.split(",")[0] for r in ROWS[:4]],
                                              [r.split(",")[0] for r in ROWS[4:]]), known=df["image"])
     ptx = nih.select_task(df, "pneumothorax")  # drops the No Finding film, which is in train_val
-    split = nih.make_split(ptx.df, "official", lists=lists, val=0.0)
+    split = splits.make_split(ptx.df, "official", lists=lists, val=0.0)
     assert split.test == ("00000004_000.png", "00000005_000.png")
     assert set(split.train) == {"00000001_000.png", "00000001_001.png", "00000003_000.png"}
-    short = nih.OfficialLists(lists.train_val[:2], lists.test, tmp_path)
+    short = splits.OfficialLists(lists.train_val[:2], lists.test, tmp_path)
     with pytest.raises(DataError, match=r"2 films of the metadata are in neither .* first 00000002_000.png"):
-        nih.make_split(df, "official", lists=short)
+        splits.make_split(df, "official", lists=short)
     with pytest.raises(CxrError, match="test_list.txt"):
-        nih.make_split(df, "official", lists=lists, test=0.2)
+        splits.make_split(df, "official", lists=lists, test=0.2)
 
 
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
@@ -307,7 +307,7 @@ def test_box_file_spelling_of_infiltration(tmp_path):
 def test_patient_split_never_divides_a_patient(small_csv):
     df = nih.read_metadata(small_csv)
     for seed in range(20):
-        split = nih.make_split(df, "patient", seed=seed, val=0.2, test=0.2)
+        split = splits.make_split(df, "patient", seed=seed, val=0.2, test=0.2)
         parts = [split.train, split.val, split.test]
         assert sum(len(p) for p in parts) == 6 and all(parts)
         assert split.patient_overlap == {"train-val": 0, "train-test": 0, "val-test": 0}
@@ -317,11 +317,11 @@ def test_patient_split_never_divides_a_patient(small_csv):
 def test_split_arguments_are_checked(small_csv):
     df = nih.read_metadata(small_csv)
     with pytest.raises(ValueError, match="unknown split"):
-        nih.make_split(df, "by-age")
+        splits.make_split(df, "by-age")
     with pytest.raises(CxrError, match="fractions"):
-        nih.make_split(df, "patient", val=0.6, test=0.5)
+        splits.make_split(df, "patient", val=0.6, test=0.5)
     with pytest.raises(ValueError, match="needs NIH's lists"):
-        nih.make_split(df, "official")
+        splits.make_split(df, "official")
     with pytest.raises(ValueError, match="unknown task"):
         nih.select_task(df, "edema")
 
@@ -329,13 +329,13 @@ def test_split_arguments_are_checked(small_csv):
 def test_weights_when_a_class_is_absent(small_csv):
     data = nih.select_task(nih.read_metadata(small_csv), "multilabel")
     with pytest.warns(UserWarning, match="a class has no films for Atelectasis, Effusion, Infiltration") as caught:
-        weights = nih.class_weights(data)
+        weights = splits.class_weights(data)
     assert len(caught) == 1
     assert weights["Atelectasis"] == [1.0, 1.0]
     assert weights["Hernia"] == pytest.approx([6 / (2 * 5), 6 / (2 * 1)])
     with pytest.warns(UserWarning, match="no positive films for Atelectasis"):
-        pw = nih.pos_weight(data.targets)
+        pw = splits.pos_weight(data.targets)
     assert pw[FINDINGS.index("Atelectasis")] == 1.0 and pw[FINDINGS.index("Pneumothorax")] == 2.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # both classes present: no warning
-        assert nih.class_weights(nih.select_task(data.df, "pneumothorax"))["Pneumothorax"] == pytest.approx(5 / 4)
+        assert splits.class_weights(nih.select_task(data.df, "pneumothorax"))["Pneumothorax"] == pytest.approx(5 / 4)

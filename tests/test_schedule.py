@@ -51,6 +51,9 @@ def test_schedule_state_resumes_exactly():
     opt2 = _optimizer()
     sched2 = TwoPhaseOneCycle(opt2, body_lr=1e-2, head_lr=1e-3, phase1_steps=8, phase2_steps=4)
     sched2.load_state_dict(state)
-    opt.step(); sched.step(); opt2.step(); sched2.step()
+    opt.step()
+    sched.step()
+    opt2.step()
+    sched2.step()
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in opt2.param_groups]
     assert math.isclose(opt.param_groups[0]["betas"][0], opt2.param_groups[0]["betas"][0])

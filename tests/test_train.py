@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr.nets.model import load
+from cxr.nets import load
 
 CXR = [sys.executable, "-m", "cxr"]
 
@@ -129,7 +129,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, images_512, metadata_csv)
 
     from cxr.data.datasets import open_films
     from cxr.evaluation.evaluate import scores
-    from cxr.nets.model import build
+    from cxr.nets import build
 
     common = ["--epochs", "2", "--precision", "32-true", "--no-augment", "--dropout", "0", "--freeze-bn",
               "--accelerator", "cpu", "--lr", "1e-4", "--loss", "unweighted"]
@@ -145,7 +145,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, images_512, metadata_csv)
     L.seed_everything(3, verbose=False)  # fit() builds the network right after seeding with --seed
     init = build("efficientnet_lite0", 14, weights="imagenet", dropout=(0.0, 0.0))
     films, meta = open_films(images_512), load(one / "model.safetensors")[1]
-    p0, p1, p2 = (scores(m, meta, films, val, bf16=False)
+    p0, p1, p2 = (scores(m, meta, films, val)
                   for m in (init, load(one / "model.safetensors")[0], load(two / "model.safetensors")[0]))
     moved = min(abs(p1 - p0).mean(), abs(p2 - p0).mean())
     assert moved > 0.05
@@ -156,7 +156,7 @@ def test_undoing_pos_weight_restores_prevalence_and_keeps_ranking():
     """BCE with pos_weight w inflates every logit by log(w); cxr train subtracts it from the last bias."""
     import numpy as np
 
-    from cxr.nets.model import build
+    from cxr.nets import build
     from cxr.training.train import shift_probabilities, undo_pos_weight
 
     torch.manual_seed(0)

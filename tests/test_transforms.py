@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cxr.images import read as images
+from cxr import images
 from cxr.data import transforms
 from cxr.findings import NORMALISATIONS
 
@@ -19,8 +19,8 @@ PLAIN = dict(mean=(0.0,) * 3, std=(1.0,) * 3)
 
 
 @pytest.fixture(scope="module")
-def film(images_512) -> np.ndarray:
-    return images.read_image(sorted(images_512.glob("*.png"))[0])
+def film(first_film_512) -> np.ndarray:
+    return images.read_image(first_film_512)
 
 
 def test_eval_shape_dtype_and_resize_path():

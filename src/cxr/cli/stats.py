@@ -9,15 +9,14 @@ from typing import Any, Optional
 
 import typer
 
+from cxr.tasks import task_names
+
 METADATA_NAME = "Data_Entry_2017_v2020.csv.gz"
 
 
-# The choices mirror cxr.data.nih.TASKS and SPLITS (a test keeps them equal); nih is imported inside the
-# command so that `cxr --help` does not pay for pandas.
-class Task(str, enum.Enum):
-    multilabel = "multilabel"
-    multilabel_paper = "multilabel-paper"
-    pneumothorax = "pneumothorax"
+# The tasks come from their registry (cxr.tasks has no pandas); the split kinds mirror cxr.data.splits.SPLITS
+# (a test keeps them equal), which is imported inside the command so that `cxr --help` does not pay for pandas.
+Task = enum.Enum("Task", {name: name for name in task_names()}, type=str)
 
 
 class SplitKind(str, enum.Enum):
@@ -34,7 +33,7 @@ def stats(
     metadata: Optional[Path] = typer.Option(
         None, "--metadata", help=f"Data_Entry_2017[_v2020].csv[.gz]; default: {METADATA_NAME} in $CXR_DATA."
     ),
-    task: Task = typer.Option(Task.multilabel, "--task", help="Which films and targets to count."),
+    task: Task = typer.Option("multilabel", "--task", help="Which films and targets to count."),
     split: Optional[SplitKind] = typer.Option(None, "--split", help="Also split the task's films and report it."),
     seed: int = typer.Option(42, "--seed", help="Seed of the split (the paper used 42)."),
     lists: Optional[Path] = typer.Option(
@@ -70,7 +69,7 @@ def stats(
 
 def summarise(df, task: str, split: str | None, seed: int, lists_dir: Path) -> dict[str, Any]:
     """Everything `cxr stats` reports, as JSON-ready values."""
-    from cxr.data import nih
+    from cxr.data import nih, splits
     from cxr.findings import FINDINGS
 
     data = nih.select_task(df, task)
@@ -83,14 +82,14 @@ def summarise(df, task: str, split: str | None, seed: int, lists_dir: Path) -> d
                  "classes": list(data.class_names)},
         "label_counts": nih.label_counts(y),
         "cooccurrence": {"labels": list(FINDINGS), "matrix": nih.cooccurrence(y).tolist()},
-        "class_weights": nih.class_weights(data),
-        "pos_weight": {f: round(float(w), 6) for f, w in zip(FINDINGS, nih.pos_weight(y))},
+        "class_weights": splits.class_weights(data),
+        "pos_weight": {f: round(float(w), 6) for f, w in zip(FINDINGS, splits.pos_weight(y))},
     }
     if not data.multilabel:
         out["task"]["class_counts"] = _class_counts(data.targets, data.class_names)
     if split:
         lists = nih.read_official_lists(lists_dir, known=df["image"]) if split == "official" else None
-        out["split"] = _split_summary(data, nih.make_split(data.df, split, seed=seed, lists=lists))
+        out["split"] = _split_summary(data, splits.make_split(data.df, split, seed=seed, lists=lists))
     return out
 
 

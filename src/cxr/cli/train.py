@@ -6,6 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
+
+from cxr.cli import _options as opt
+from cxr.tasks import task_names
 
 DATA_HELP = "A folder of films or a `cxr prepare` cache; repeat to train on several (e.g. 512 px and 64 px)."
 
@@ -14,13 +18,14 @@ def train(
     data: list[Path] = typer.Option(..., "--data", help=DATA_HELP),
     metadata: Path = typer.Option(..., help="Data_Entry_2017(.csv|_v2020.csv.gz): labels joined by file name."),
     out: Path = typer.Option(..., help="Run folder: last.ckpt, metrics.csv, split.json, model.safetensors."),
-    task: str = typer.Option("multilabel", help="multilabel | multilabel-paper | pneumothorax"),
+    task: str = typer.Option("multilabel", help=" | ".join(task_names())),
+    dataset: str = typer.Option("nih", help="The data set whose label file --metadata is (listed when help is shown)."),
     split: str = typer.Option("patient", help="patient | official | random (the paper's; leaks patients)"),
     seed: int = typer.Option(0),
     val_fraction: Optional[float] = typer.Option(None, help="Validation share (default: 0.1; random: 0.2)."),
     test_fraction: Optional[float] = typer.Option(None, help="Test share (default: 0.1; random: 0; official: NIH's list)."),
     lists: Optional[Path] = typer.Option(None, help="Folder with NIH's split lists (default: beside --metadata)."),
-    arch: str = typer.Option("densenet121", help="densenet121 | efficientnet_lite0"),
+    arch: str = typer.Option("densenet121", help="The network (the registered ones are listed when help is shown)."),
     weights: str = typer.Option("imagenet", help="imagenet | none | PATH to a cxr checkpoint"),
     size: int = typer.Option(224, help="Input side in pixels."),
     batch_size: int = typer.Option(64),
@@ -36,14 +41,14 @@ def train(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's training augmentations."),
     freeze_bn: bool = typer.Option(False, "--freeze-bn", help="Keep BatchNorm statistics fixed (tiny per-device batches)."),
     dropout: float = typer.Option(0.5, help="Dropout before the last linear layer (half of it before the first)."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: cores - 1)."),
+    workers: Optional[int] = opt.workers(when_unset="cores - 1, as DataLoader workers"),
     accelerator: str = typer.Option("auto", help="auto | cpu | gpu"),
     devices: str = typer.Option("auto", help="Processes/GPUs per machine, e.g. 2 for 2-process DDP."),
     num_nodes: int = typer.Option(1, help="Machines (with torchrun or a cluster environment)."),
     strategy: str = typer.Option("auto", help="auto | ddp | ddp_spawn | ..."),
     max_films: Optional[int] = typer.Option(None, help="Use only the first N labelled films (smoke runs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.ckpt."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = opt.progress(),
 ) -> None:
     """Train a model (the paper's recipe by default) and write a cxr checkpoint with its thresholds."""
     from cxr.training.train import TrainConfig, fit
@@ -55,7 +60,7 @@ def train(
         head_epochs=head_epochs, head_lr=head_lr, loss=loss, precision=precision, channels_last=channels_last,
         augment=augment, freeze_bn=freeze_bn, dropout=(dropout / 2, dropout), workers=workers, accelerator=accelerator,
         devices=devices, num_nodes=num_nodes, strategy=strategy, max_films=max_films, resume=resume,
-        progress=progress,
+        progress=progress, dataset=dataset,
     )
     final = fit(cfg)
     if final.exists():
@@ -79,8 +84,8 @@ def lr_find(
     max_lr: float = typer.Option(10.0),
     steps: int = typer.Option(100, help="Mini-batches per curve."),
     max_films: Optional[int] = typer.Option(None),
-    workers: Optional[int] = typer.Option(None),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    workers: Optional[int] = opt.workers(when_unset="cores - 1, as DataLoader workers"),
+    progress: bool = opt.progress(),
 ) -> None:
     """LR range test over several weight decays; suggests the LR at the steepest loss descent."""
     from cxr.training.lrfind import lr_find as run
@@ -96,6 +101,22 @@ def lr_find(
     typer.echo(f"wrote {out / 'lr_find.png'}")
 
 
+class _RegistryHelp(TyperCommand):
+    """Help that lists the registered architectures and data sets, read when help is shown: importing
+    them means torch and pandas, which `cxr --help` and every other command should not pay for."""
+
+    def format_help(self, ctx, formatter) -> None:
+        from cxr.data.registry import dataset_names
+        from cxr.nets import ARCHITECTURES
+
+        for param in self.params:
+            if param.name == "arch":
+                param.help = " | ".join(ARCHITECTURES)
+            elif param.name == "dataset":
+                param.help = f"The data set whose label file --metadata is: {' | '.join(dataset_names())}"
+        super().format_help(ctx, formatter)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
-    app.command("lr-find")(lr_find)
+    app.command("train", cls=_RegistryHelp)(train)
+    app.command("lr-find", cls=_RegistryHelp)(lr_find)

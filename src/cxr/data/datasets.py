@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cxr.images import read as images
-from cxr.data.cache import INDEX, Cache, find_films
+from cxr import images
+from cxr.data.cache import INDEX, Cache
+from cxr.data.films import find_films
 from cxr.errors import DataError
 
 

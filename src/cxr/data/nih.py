@@ -1,4 +1,4 @@
-"""ChestX-ray14 metadata, NIH's split lists and boxes; the paper's tasks, splits and statistics.
+"""ChestX-ray14 (NIH): its metadata, split lists and boxes, label statistics, and its data-set registration.
 
 Readers return tidy pandas frames with short column names and raise `DataError` naming the file, the
 problem and the first offending line or value. Lines are counted from 1 with the header as line 1.
@@ -10,7 +10,6 @@ import csv
 import gzip
 import warnings
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterable
@@ -18,8 +17,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from cxr.errors import CxrError, DataError
+from cxr.data.labels import LabelTable, TaskData
+from cxr.data.registry import register_dataset
+from cxr.data.splits import OfficialLists
+from cxr.errors import DataError
 from cxr.findings import FINDINGS, NO_FINDING, canonical
+from cxr.tasks import get_task
 
 # NIH header names (lower-cased) -> tidy names. The bracketed headers contain commas, so the unquoted
 # header splits them into two columns each; the values split the same way, so they stay aligned.
@@ -33,15 +36,10 @@ REQUIRED = {"image": "Image Index", "labels": "Finding Labels", "patient": "Pati
 _INTEGER = ("follow_up", "age", "width", "height")
 _NUMERIC = _INTEGER + ("spacing_x", "spacing_y", "patient")
 
-TASKS = ("multilabel", "multilabel-paper", "pneumothorax")
-SPLITS = ("random", "patient", "official")
-PNEUMOTHORAX_CLASSES = ("All others", "Pneumothorax")
 _FINDING_INDEX = {f: i for i, f in enumerate(FINDINGS)}
 BOX_SPACE = 1024  # box coordinates are pixels of the 1024 x 1024 release
 
 
-class PatientLeakWarning(UserWarning):
-    """A split puts films of the same patient on both sides, which inflates validation scores."""
 
 
 def _read_csv(path: Path, what: str, numeric: Iterable[str] = (), **options) -> pd.DataFrame:
@@ -186,13 +184,6 @@ def read_image_list(path: str | Path) -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class OfficialLists:
-    train_val: tuple[str, ...]
-    test: tuple[str, ...]
-    directory: Path
-
-
 def read_official_lists(directory: str | Path, known: Iterable[str] | None = None) -> OfficialLists:
     """NIH's `train_val_list.txt` and `test_list.txt` from a folder; every name must be in `known`."""
     directory = Path(directory)
@@ -250,121 +241,12 @@ def label_matrix(df: pd.DataFrame) -> np.ndarray:
     return rows[codes]
 
 
-@dataclass(frozen=True)
-class TaskData:
-    """A task's films (rows in order), their targets and the names of the target columns or classes."""
-
-    name: str
-    df: pd.DataFrame
-    targets: np.ndarray  # N x 14 uint8 (multilabel) or N int64 class indices
-    class_names: tuple[str, ...]
-
-    @property
-    def multilabel(self) -> bool:
-        return self.targets.ndim == 2
-
-
 def select_task(df: pd.DataFrame, task: str) -> TaskData:
-    """All films, the films with a finding (the paper's multilabel set), or pneumothorax vs the others."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    y = label_matrix(df)
-    if task == "multilabel":
-        return TaskData(task, df.reset_index(drop=True), y, FINDINGS)
-    keep = y.any(axis=1)
-    sub, y = df[keep].reset_index(drop=True), y[keep]
-    if task == "multilabel-paper":
-        return TaskData(task, sub, y, FINDINGS)
-    return TaskData(task, sub, y[:, _FINDING_INDEX["Pneumothorax"]].astype(np.int64), PNEUMOTHORAX_CLASSES)
-
-
-@dataclass(frozen=True)
-class Split:
-    """Image names per part and, per pair of parts, how many patients have films on both sides."""
-
-    kind: str
-    seed: int
-    train: tuple[str, ...]
-    val: tuple[str, ...]
-    test: tuple[str, ...]
-    patient_overlap: dict[str, int]
-
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
-
-
-def _by_patient(df: pd.DataFrame, rng: np.random.Generator, fractions: dict[str, float]) -> np.ndarray:
-    """Part name per row: patients in seeded order fill each part in turn up to its share of the films."""
-    counts = df["patient"].value_counts().sort_index()  # sorted first, so row order does not matter
-    counts = counts.iloc[rng.permutation(len(counts))]
-    end = np.cumsum(counts.to_numpy())
-    start = end - counts.to_numpy()  # films before each patient
-    part = np.full(len(counts), "train", dtype=object)
-    taken = 0
-    for name, fraction in fractions.items():  # patients join while the part is short of its share
-        mine = (start >= taken) & (start < taken + round(fraction * len(df)))
-        part[mine] = name
-        taken = end[mine].max() if mine.any() else taken  # the next part starts after the last one taken
-    return df["patient"].map(dict(zip(counts.index, part))).to_numpy()
-
-
-def _by_image(n: int, rng: np.random.Generator, val: float, test: float) -> np.ndarray:
-    # int(), as fastai's valid_pct does, gives the paper's 41,408 / 10,351 on 51,759 films
-    n_val, n_test = int(val * n), int(test * n)
-    part, order = np.full(n, "train", dtype=object), rng.permutation(n)
-    part[order[:n_val]], part[order[n_val:n_val + n_test]] = "val", "test"
-    return part
-
-
-def _official(df: pd.DataFrame, rng: np.random.Generator, val: float, lists: OfficialLists | None) -> np.ndarray:
-    if lists is None:
-        raise ValueError("the official split needs NIH's lists: pass lists=read_official_lists(folder)")
-    in_test = df["image"].isin(set(lists.test)).to_numpy()
-    in_train_val = df["image"].isin(set(lists.train_val)).to_numpy()
-    neither = np.flatnonzero(~(in_test | in_train_val))
-    if len(neither):
-        raise DataError(f"{lists.directory}: {len(neither)} films of the metadata are in neither train_val_list.txt "
-                        f"nor test_list.txt, first {df['image'].iloc[neither[0]]}; use lists of the same release")
-    part = np.full(len(df), "test", dtype=object)
-    part[in_train_val] = _by_patient(df[in_train_val], rng, {"val": val})  # val: a fraction of train_val
-    return part
-
-
-def make_split(df: pd.DataFrame, kind: str = "patient", *, seed: int = 42, val: float | None = None,
-               test: float | None = None, lists: OfficialLists | None = None) -> Split:
-    """Split a task's films (TaskData.df) into train, validation and test image names.
-
-    random: the paper's split by image (val 0.2, no test); warns how many patients it leaks.
-    patient: patient-disjoint, val 0.1 and test 0.1 of the films by default.
-    official: test = NIH's test_list; val (0.1 by default) carved by patient out of NIH's train_val_list.
-    Applied to a subset of the films (a task), the official lists are intersected with it.
-    Fractions come from users (cxr train), so bad ones are CxrErrors; an unknown kind is a ValueError.
-    """
-    defaults = {"random": (0.2, 0.0), "patient": (0.1, 0.1), "official": (0.1, None)}
-    if kind not in defaults:
-        raise ValueError(f"unknown split {kind!r}; expected one of {', '.join(SPLITS)}")
-    if kind == "official" and test is not None:
-        raise CxrError("the official split takes its test set from test_list.txt; do not pass a test fraction")
-    val = defaults[kind][0] if val is None else val
-    test = defaults[kind][1] if test is None else test
-    if not (0 <= val < 1 and 0 <= (test or 0) < 1 and val + (test or 0) < 1):
-        raise CxrError(f"validation ({val}) and test ({test}) fractions must be in [0, 1) and sum below 1")
-    rng = np.random.default_rng(seed)
-    if kind == "random":
-        part = _by_image(len(df), rng, val, test)
-    elif kind == "patient":
-        part = _by_patient(df, rng, {"test": test, "val": val})
-    else:
-        part = _official(df, rng, val, lists)
-    names = {p: tuple(df["image"][part == p]) for p in ("train", "val", "test")}
-    patients = {p: set(df["patient"][part == p]) for p in ("train", "val", "test")}
-    pairs = (("train", "val"), ("train", "test"), ("val", "test"))
-    overlap = {f"{a}-{b}": len(patients[a] & patients[b]) for a, b in pairs}
-    if kind == "random" and any(overlap.values()):
-        warnings.warn(f"the random split by image puts {overlap['train-val']} patients in both train and validation, "
-                      "so validation scores are optimistic; use the patient or official split to measure",
-                      PatientLeakWarning, stacklevel=2)
-    return Split(kind, seed, names["train"], names["val"], names["test"], overlap)
+    """The films a task takes and their targets (cxr.tasks: e.g. all films, films with a finding, or
+    pneumothorax vs the others)."""
+    spec = get_task(task)
+    keep, targets = spec.select(label_matrix(df), FINDINGS)
+    return TaskData(task, df[keep].reset_index(drop=True), targets, spec.outputs)
 
 
 def label_counts(y: np.ndarray) -> dict[str, int]:
@@ -378,30 +260,15 @@ def cooccurrence(y: np.ndarray) -> np.ndarray:
     return np.rint(y.T @ y).astype(np.int64)
 
 
-def class_weights(task: TaskData) -> dict[str, float] | dict[str, list[float]]:
-    """Eq. 1, n_samples / (n_classes * n_c), by scikit-learn: per class for a single-label task, per finding
-    [negative, positive] for multilabel. Where a class has no films, all of that target's weights are 1.0."""
-    from sklearn.utils.class_weight import compute_class_weight
+@register_dataset("nih")
+class ChestXray14:
+    """NIH ChestX-ray14: labels from Data_Entry_2017(_v2020).csv(.gz), official lists beside it."""
 
-    columns = task.targets.T if task.multilabel else [task.targets]
-    n_classes = 2 if task.multilabel else len(task.class_names)
-    weights, lacking = [], []
-    for name, y in zip(task.class_names if task.multilabel else [task.name], columns):
-        classes = np.arange(n_classes)
-        if np.isin(classes, y).all():
-            weights.append([float(w) for w in compute_class_weight("balanced", classes=classes, y=y)])
-        else:  # sklearn refuses; a class that never occurs contributes nothing to the loss anyway
-            weights.append([1.0] * n_classes)
-            lacking.append(name)
-    if lacking:
-        warnings.warn(f"a class has no films for {', '.join(lacking)}; their weights are set to 1.0", stacklevel=2)
-    return dict(zip(task.class_names, weights)) if task.multilabel else dict(zip(task.class_names, weights[0]))
+    findings = FINDINGS
 
+    def read_labels(self, metadata: str | Path) -> LabelTable:
+        df = read_metadata(metadata)
+        return LabelTable(tuple(df["image"]), df["patient"].to_numpy(), label_matrix(df), FINDINGS, str(metadata))
 
-def pos_weight(y: np.ndarray, names: Iterable[str] = FINDINGS) -> np.ndarray:
-    """BCE pos_weight per finding (Eq. 3's p_c): negatives / positives; 1.0, with a warning, if none."""
-    pos = np.asarray(y).sum(axis=0).astype(np.float64)
-    if (pos == 0).any():
-        absent = [n for n, p in zip(names, pos) if p == 0]
-        warnings.warn(f"no positive films for {', '.join(absent)}; their pos_weight is set to 1.0", stacklevel=2)
-    return np.where(pos > 0, (len(y) - pos) / np.maximum(pos, 1), 1.0)
+    def official_lists(self, directory: str | Path, known: Iterable[str] | None = None) -> OfficialLists:
+        return read_official_lists(directory, known)

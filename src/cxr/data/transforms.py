@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from cxr.images import read as images
+from cxr import images
 _EPS = 1e-7  # fastai's clamp before logit: keeps pure black/white pixels finite
 
 

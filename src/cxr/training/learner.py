@@ -6,7 +6,8 @@ import numpy as np
 import torch
 import lightning as L
 
-from cxr.nets.model import freeze_body
+from cxr.nets import activate, freeze_body
+from cxr.tasks import Task
 from cxr.training.schedule import TwoPhaseOneCycle
 
 
@@ -21,7 +22,7 @@ def macro_auc(targets: np.ndarray, probs: np.ndarray) -> float:
 
 class Learner(L.LightningModule):
     def __init__(self, model: torch.nn.Module, loss: torch.nn.Module, *, lr: float, head_lr: float,
-                 weight_decay: float, epochs: int, head_epochs: int, seed: int, softmax: bool,
+                 weight_decay: float, epochs: int, head_epochs: int, seed: int, task: Task,
                  loaders=None, channels_last: bool = True, freeze_bn: bool = False):
         super().__init__()
         self.model, self.loss = model, loss
@@ -30,7 +31,7 @@ class Learner(L.LightningModule):
         # loaders(stage, rank, world) -> DataLoader; called only once the ranks are known
         self.loaders = loaders
         self.freeze_bn = freeze_bn
-        self.seed, self.softmax, self.channels_last = seed, softmax, channels_last
+        self.seed, self.task, self.channels_last = seed, task, channels_last
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.val_outputs: tuple[np.ndarray, np.ndarray] | None = None  # (targets, probabilities)
         if channels_last:
@@ -65,8 +66,7 @@ class Learner(L.LightningModule):
         return loss
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        return logits.softmax(1) if self.softmax else logits.sigmoid()
+        return activate(logits, self.task)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y, idx = batch
@@ -85,9 +85,11 @@ class Learner(L.LightningModule):
         # Ranks pad the last batch by repeating films; keep each film once, in index order.
         _, first = np.unique(idx.cpu().numpy(), return_index=True)
         probs, ys = probs.cpu().numpy()[first], ys.cpu().numpy()[first]
-        targets = np.eye(probs.shape[1])[ys.astype(int)] if self.softmax else ys
+        # softmax tasks: class indices become one-hot rows, so targets line up with the outputs
+        targets = np.eye(probs.shape[1])[ys.astype(int)] if self.task.softmax else ys
         self.val_outputs = (targets.astype(np.uint8), probs.astype(np.float32))
-        auc = macro_auc(targets[:, 1:] if self.softmax else targets, probs[:, 1:] if self.softmax else probs)
+        cols = list(self.task.columns)  # the reported outputs: pneumothorax, not "All others"
+        auc = macro_auc(targets[:, cols], probs[:, cols])
         self.log("val_macro_auc", auc, prog_bar=True, rank_zero_only=True)
 
     def train_dataloader(self):

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxr.errors import CxrError
+from cxr.tasks import get_task
+
 KINDS = ("weighted", "unweighted")
-MULTILABEL_TASKS = ("multilabel", "multilabel-paper")
-TWO_CLASS_TASKS = ("pneumothorax",)
 
 
 def _as_weights(values, name: str, length: int | None = None) -> torch.Tensor:
@@ -64,19 +65,23 @@ class WeightedBCE(nn.Module):
 def make_loss(kind: str = "weighted", task: str = "multilabel", class_weights=None, pos_weight=None) -> nn.Module:
     """The training loss for a task.
 
-    weighted + pneumothorax: class_weights (2 values, Eq. 1: n_samples / (n_classes * n_c)) are required.
-    weighted + multilabel: pos_weight (one per output, e.g. n_negative / n_positive) is required.
+    weighted + a softmax task (pneumothorax): class_weights, one per class (Eq. 1: n_samples / (n_classes * n_c)),
+    are required.
+    weighted + a sigmoid task (multilabel): pos_weight (one per output, e.g. n_negative / n_positive) is required.
     unweighted: plain CrossEntropyLoss / BCEWithLogitsLoss; any weights passed are ignored.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss {kind!r}; expected one of: {', '.join(KINDS)}")
     weighted = kind == "weighted"
-    if task in TWO_CLASS_TASKS:
+    try:
+        spec = get_task(task)
+    except CxrError as e:
+        raise ValueError(str(e)) from None
+    if spec.softmax:  # exclusive classes: cross entropy (Eq. 2)
         if weighted and class_weights is None:
-            raise ValueError("the weighted loss for the 2-class task needs class_weights (Eq. 1)")
-        return WeightedCrossEntropy(_as_weights(class_weights, "class_weights", 2) if weighted else None)
-    if task in MULTILABEL_TASKS:
-        if weighted and pos_weight is None:
-            raise ValueError("the weighted multi-label loss needs pos_weight (one value per finding)")
-        return WeightedBCE(_as_weights(pos_weight, "pos_weight") if weighted else None)
-    raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TWO_CLASS_TASKS + MULTILABEL_TASKS)}")
+            raise ValueError(f"the weighted loss for the {len(spec.outputs)}-class task needs class_weights (Eq. 1)")
+        n = len(spec.outputs)
+        return WeightedCrossEntropy(_as_weights(class_weights, "class_weights", n) if weighted else None)
+    if weighted and pos_weight is None:
+        raise ValueError("the weighted multi-label loss needs pos_weight (one value per finding)")
+    return WeightedBCE(_as_weights(pos_weight, "pos_weight") if weighted else None)

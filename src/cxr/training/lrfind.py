@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cxr.training.train import TrainConfig, _loader_factory, default_channels_last, default_precision, prepare_data
 
@@ -22,7 +21,7 @@ def lr_find(cfg: TrainConfig, weight_decays=PAPER_WEIGHT_DECAYS, min_lr: float =
     import lightning as L
     from lightning.pytorch.tuner import Tuner
 
-    from cxr.nets import model as M
+    from cxr import nets as M
     from cxr.findings import NORMALISATIONS
     from cxr.training.learner import Learner
     from cxr.training.losses import make_loss
@@ -38,7 +37,7 @@ def lr_find(cfg: TrainConfig, weight_decays=PAPER_WEIGHT_DECAYS, min_lr: float =
         net = M.build(cfg.arch, len(data.class_names), weights=cfg.weights, dropout=cfg.dropout)
         loss = make_loss(cfg.loss, cfg.task, class_weights=data.class_weights, pos_weight=data.pos_weight)
         learner = Learner(net, loss, lr=min_lr, head_lr=min_lr, weight_decay=wd, epochs=1, head_epochs=0,
-                          seed=cfg.seed, softmax=data.softmax, loaders=_loader_factory(data, cfg),
+                          seed=cfg.seed, task=data.task, loaders=_loader_factory(data, cfg),
                           channels_last=default_channels_last(cfg.accelerator) if cfg.channels_last is None
                           else cfg.channels_last)
         trainer = L.Trainer(default_root_dir=cfg.out, accelerator=cfg.accelerator, devices=1,

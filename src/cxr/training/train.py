@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cxr.tasks import Task
 
 
 @dataclass
@@ -24,10 +25,11 @@ class TrainConfig:
     data: list[Path]
     metadata: Path
     out: Path
+    dataset: str = "nih"  # a registered data set (cxr.data.registry): whose label file --metadata is
     task: str = "multilabel"
     split: str = "patient"
     seed: int = 0
-    val_fraction: float | None = None   # None: the split's own default (nih.make_split)
+    val_fraction: float | None = None   # None: the split's own default (cxr.data.splits.make_split)
     test_fraction: float | None = None
     lists: Path | None = None  # folder with NIH's train_val_list.txt / test_list.txt (split=official)
     arch: str = "densenet121"
@@ -102,22 +104,18 @@ class SeededFilms(Dataset):
 
 
 def default_precision(accelerator: str) -> str:
-    """AMP on GPUs (bf16 where supported, else fp16); on CPUs bf16 autocast only where the CPU computes
-    bf16 natively, fp32 elsewhere (emulated bf16 is slower than fp32, see config.cpu_has_fast_bf16)."""
-    from cxr.settings import cpu_has_fast_bf16
-
+    """AMP on GPUs (bf16 where supported, else fp16); fp32 on every CPU. bf16 on a CPU is opt-in
+    (`--precision bf16-mixed`): a CPU with native bf16 would otherwise train different weights, and report
+    different numbers, from one without it, and every reported number must not depend on the CPU."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+    return "32-true"
 
 
 def default_channels_last(accelerator: str) -> bool:
-    """channels_last where it pays: GPUs, and CPUs with native bf16 (oneDNN's blocked kernels). On an
-    AVX2-only CPU, DenseNet-121 training measured slower in channels_last than in the default layout."""
-    from cxr.settings import cpu_has_fast_bf16
-
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    return gpu or cpu_has_fast_bf16()
+    """channels_last on GPUs, where it pays. On CPUs the default layout: on an AVX2-only CPU DenseNet-121
+    trained slower in channels_last, and a layout chosen by CPU features would make results CPU-dependent."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def resolve_workers(requested: int | None) -> int:
@@ -143,65 +141,55 @@ class Prepared:
     val: Dataset
     n_train: int
     class_names: list[str]
-    task: str
-    softmax: bool
+    task: Task
     class_weights: np.ndarray | None
     pos_weight: np.ndarray | None
     split: dict
 
 
-def _subset(sources, names: set[str], lookup: dict[str, int], targets: np.ndarray, transform):
+def _subset(sources, part, transform):
     from torch.utils.data import ConcatDataset
 
     from cxr.data.datasets import FilmDataset
 
+    lookup = {n: i for i, n in enumerate(part.names)}
     parts = []
     for films in sources:
-        mine = sorted(n for n in films.names if n in names)
+        mine = sorted(n for n in films.names if n in lookup)
         if mine:
-            parts.append(FilmDataset(films, mine, targets[[lookup[n] for n in mine]], transform))
+            parts.append(FilmDataset(films, mine, part.targets[[lookup[n] for n in mine]], transform))
     return ConcatDataset(parts) if parts else None
 
 
 def prepare_data(cfg: TrainConfig, mean, std) -> Prepared:
-    """Labels from the metadata, joined by file name to the films found under every --data source."""
-    from cxr.data import nih
+    """Labels from the data set's label file, joined by file name to the films found under every --data source."""
     from cxr.data.datasets import open_films
-    from cxr.errors import DataError
+    from cxr.data.labels import TaskData, labelled
+    from cxr.data.splits import class_weights, pos_weight
     from cxr.data.transforms import eval_transform, train_transform
+    from cxr.errors import DataError
 
-    table = nih.read_metadata(cfg.metadata)
     sources = [open_films(p) for p in cfg.data]
     present = set().union(*(set(s.names) for s in sources))
-    task = nih.select_task(table, cfg.task)
-    keep = task.df["image"].isin(present).to_numpy().copy()
-    if cfg.max_films:
-        keep &= np.cumsum(keep) <= cfg.max_films
-    df, targets = task.df[keep].reset_index(drop=True), np.asarray(task.targets)[keep]
-    if len(df) < 4:
-        raise DataError(f"only {len(df)} of the films under {', '.join(map(str, cfg.data))} are in "
+    train_part, val_part, info = labelled(
+        cfg.dataset, present, cfg.task, cfg.split, metadata=cfg.metadata, seed=cfg.seed, val=cfg.val_fraction,
+        test=cfg.test_fraction, lists=cfg.lists, max_films=cfg.max_films)
+    if len(info.all) < 4:
+        raise DataError(f"only {len(info.all)} of the films under {', '.join(map(str, cfg.data))} are in "
                         f"{cfg.metadata} for task {cfg.task!r}; check --data and --metadata")
-    lists = None
-    if cfg.split == "official":
-        lists = nih.read_official_lists(cfg.lists or Path(cfg.metadata).parent, known=table["image"])
-    split = nih.make_split(df, cfg.split, seed=cfg.seed, val=cfg.val_fraction, test=cfg.test_fraction,
-                           lists=lists)
-    lookup = {n: i for i, n in enumerate(df["image"])}
     aug = train_transform(cfg.size, mean, std) if cfg.augment else eval_transform(cfg.size, mean, std)
-    train = _subset(sources, set(split.train), lookup, targets, aug)
-    val = _subset(sources, set(split.val), lookup, targets, eval_transform(cfg.size, mean, std))
+    train = _subset(sources, train_part, aug)
+    val = _subset(sources, val_part, eval_transform(cfg.size, mean, std))
     if train is None or val is None:
-        raise DataError(f"the {cfg.split} split left no training or no validation films among {len(df)}; "
+        raise DataError(f"the {cfg.split} split left no training or no validation films among {len(info.all)}; "
                         "give more films or a larger --val-fraction")
-    rows = [lookup[n] for n in split.train]
-    train_task = nih.TaskData(cfg.task, df.iloc[rows], targets[rows], task.class_names)
-    softmax = not train_task.multilabel
-    weights = nih.class_weights(train_task)
+    task, split = info.task, info.split
+    weights = class_weights(TaskData(task.name, None, train_part.targets, task.outputs))
     return Prepared(
         train=SeededFilms(train, cfg.seed), val=SeededFilms(val, cfg.seed), n_train=len(train),
-        class_names=list(task.class_names), task=cfg.task, softmax=softmax,
-        class_weights=np.array([weights[c] for c in task.class_names]) if softmax else None,
-        pos_weight=None if softmax else nih.pos_weight(train_task.targets),
+        class_names=list(task.outputs), task=task,
+        class_weights=np.array([weights[c] for c in task.outputs]) if task.softmax else None,
+        pos_weight=None if task.softmax else pos_weight(train_part.targets, task.outputs),
         split={"kind": split.kind, "seed": split.seed, "sizes": split.sizes(),
                "patient_overlap": split.patient_overlap,
                "train": list(split.train), "val": list(split.val), "test": list(split.test)},
@@ -251,10 +239,11 @@ def fit(cfg: TrainConfig) -> Path:
 
     import lightning as L
 
-    from cxr.nets import model as M
+    from cxr import nets as M
     from cxr.errors import CxrError
     from cxr.findings import NORMALISATIONS
     from cxr.training.learner import Learner
+    from cxr.tasks import get_task
     from cxr.training.losses import make_loss
 
     cfg.out = Path(cfg.out)
@@ -266,13 +255,13 @@ def fit(cfg: TrainConfig) -> Path:
         raise CxrError(f"{last} exists: add --resume to continue that run, or pick a new --out")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # The network first, straight after seeding: its initial weights depend on the seed alone.
-    net = M.build(cfg.arch, 2 if cfg.task == "pneumothorax" else 14, weights=cfg.weights, dropout=cfg.dropout)
+    net = M.build(cfg.arch, len(get_task(cfg.task).outputs), weights=cfg.weights, dropout=cfg.dropout)
     norm = M.default_normalisation(cfg.arch)
     mean, std = NORMALISATIONS[norm]
     data = prepare_data(cfg, mean, std)
     loss = make_loss(cfg.loss, cfg.task, class_weights=data.class_weights, pos_weight=data.pos_weight)
     learner = Learner(net, loss, lr=cfg.lr, head_lr=cfg.head_lr or cfg.lr / 10, weight_decay=cfg.weight_decay,
-                      epochs=cfg.epochs, head_epochs=cfg.head_epochs, seed=cfg.seed, softmax=data.softmax,
+                      epochs=cfg.epochs, head_epochs=cfg.head_epochs, seed=cfg.seed, task=data.task,
                       loaders=_loader_factory(data, cfg), freeze_bn=cfg.freeze_bn,
                       channels_last=default_channels_last(cfg.accelerator) if cfg.channels_last is None
                       else cfg.channels_last)
@@ -319,22 +308,22 @@ def final_meta(cfg: TrainConfig, data: Prepared, norm: str, val_outputs):
     import cxr
     from cxr.evaluation import metrics
     from cxr.findings import NORMALISATIONS
-    from cxr.nets.model import ModelMeta
+    from cxr.meta import ModelMeta
 
     names = data.class_names
     thresholds = {n: 0.5 for n in names}
     summary: dict = {}
     if val_outputs is not None:
         y, p = val_outputs
-        cols = slice(1, None) if data.softmax else slice(None)
-        outs = names[cols]
+        cols = list(data.task.columns)  # what a user is shown (pneumothorax, not "All others")
+        outs = [names[c] for c in cols]
         youden = metrics.youden_thresholds(y[:, cols], p[:, cols])
         thresholds.update({n: float(t) for n, t in zip(outs, youden) if np.isfinite(t)})
         summary = metrics.summarize(y[:, cols], p[:, cols], outs, thresholds=[thresholds[n] for n in outs])
         summary["subset"] = "validation"
     mean, std = NORMALISATIONS[norm]
     return ModelMeta(
-        arch=cfg.arch, task=cfg.task, outputs=names, activation="softmax" if data.softmax else "sigmoid",
+        arch=cfg.arch, task=cfg.task, outputs=names, activation=data.task.activation,
         input_size=cfg.size, normalisation=norm, mean=mean, std=std, thresholds=thresholds,
         metrics=summary,
         provenance={
