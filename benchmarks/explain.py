@@ -21,7 +21,7 @@ import time
 import torch
 
 from cxr.explain import gradcam as explain
-from cxr.nets.model import build
+from cxr.nets import build
 
 SIZE, REPS, WARMUP = 224, 7, 2
 LIMIT = 3.0

@@ -8,7 +8,7 @@ import pytest
 
 from cxr import settings as config
 from cxr.evaluation.evaluate import evaluate
-from cxr.nets.model import load_model
+from cxr.nets import load_model
 
 pytestmark = pytest.mark.skipif(not config.BUNDLED_MODEL.exists(), reason="no bundled model in this checkout")
 
@@ -40,10 +40,29 @@ def test_model_card_is_shipped_and_honest():
     assert meta.provenance["command"] in text
 
 
+def _no_autocast(*args, **kwargs):
+    raise AssertionError("fp32 evaluation entered torch.autocast")
+
+
 @pytest.mark.slow
-def test_card_numbers_are_reproduced_by_cxr_evaluate(tmp_path, images_512, images_64, metadata_csv):
+@pytest.mark.parametrize("cpu", ["this-cpu", "native-bf16"])
+def test_card_numbers_are_reproduced_by_cxr_evaluate(cpu, monkeypatch, tmp_path, images_512, images_64, metadata_csv):
+    """Issue 9: on CPUs with native bf16, evaluation autocast to bf16 and missed the card (0.6369 for 0.6316).
+    This CPU has none, so the second case pretends it has, forbids autocast, and scores with torch (the
+    backend where bf16 could creep in) rather than the default ONNX Runtime."""
+    backend = "auto"
+    if cpu == "native-bf16":
+        import torch
+
+        from cxr.inference import runtime
+
+        monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+        monkeypatch.setattr(torch, "autocast", _no_autocast)
+        backend = "torch"
     _, meta = load_model(None)
-    got = evaluate(None, [images_512, images_64], metadata_csv, tmp_path, split="model", subset="val")
+    got = evaluate(None, [images_512, images_64], metadata_csv, tmp_path, split="model", subset="val",
+                   backend=backend)
+    assert got["inference"]["precision"] == "fp32"
     card = meta.metrics
     assert got["n_images"] == card["n_images"]
     assert got["macro_auc"] == pytest.approx(card["macro_auc"], abs=1e-6)

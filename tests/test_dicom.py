@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from cxr.images.read import (
+from cxr.images import (
     CorruptImageError,
     ImageTooLargeError,
     ImageTooSmallError,

@@ -12,15 +12,23 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from cxr.nets import model as M
+from cxr import nets as M
 from cxr.data import nih
 from cxr.data.datasets import open_films
 from cxr.errors import CxrError
 from cxr.evaluation.evaluate import evaluate, scores
 from cxr.findings import FINDINGS
 from cxr.data.transforms import preprocess
+from conftest import save_random_model
 
 SIZE = 32  # the smallest input a model accepts: keeps inference cheap on two cores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def onnx_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:  # evaluate scores through ONNX: exports go to a temporary cache
+        mp.setenv("CXR_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +54,10 @@ def films_dir(tmp_path_factory, images_512, table):
 
 
 def _save(path, task: str):
-    torch.manual_seed(0)
     two = task == "pneumothorax"
-    net = M.build("densenet121", 2 if two else 14)
-    meta = M.ModelMeta(arch="densenet121", task=task, outputs=M.TWO_CLASS_OUTPUTS if two else list(FINDINGS),
-                       activation="softmax" if two else "sigmoid", input_size=SIZE,
-                       thresholds={"Pneumothorax": 0.4} if two else {"Effusion": 0.3},
-                       provenance={"config": {"loss": "weighted", "split": "patient", "seed": 0}})
-    return M.save(path, net, meta)
+    return save_random_model(path, "densenet121", task, SIZE,
+                             thresholds={"Pneumothorax": 0.4} if two else {"Effusion": 0.3},
+                             provenance={"config": {"loss": "weighted", "split": "patient", "seed": 0}})
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +108,46 @@ def test_scores_are_the_models_probabilities(films_dir, multilabel_model):
     films = open_films(films_dir)
     names = [n for n in films.names if n[0] == "0"][:5]
     net.train()
-    p = scores(net, meta, films, names, batch_size=2, bf16=False, channels_last=False)
+    p = scores(net, meta, films, names, batch_size=2)  # fp32, the default
     assert net.training  # the caller's mode is restored
     net.eval()
     with torch.no_grad():
         want = torch.sigmoid(net(torch.stack([preprocess(films.read(n), meta) for n in names]))).numpy()
     assert p.shape == (5, 14) and np.allclose(p, want, atol=1e-5)
-    fast = scores(net, meta, films, names, batch_size=4)  # bf16 autocast + channels_last
+    fast = scores(net, meta, films, names, batch_size=4, precision="bf16")  # opt-in bf16 autocast
     assert np.abs(fast - want).max() < 0.05
+
+
+def test_scores_do_not_depend_on_whether_the_cpu_has_native_bf16(films_dir, multilabel_model, monkeypatch):
+    """Issue 9: evaluation once autocast to bf16 on CPUs with AVX512-BF16, so its numbers differed from
+    `cxr predict`'s there. This CPU has no native bf16, so pretend it has, and forbid autocast outright."""
+    from cxr.inference import runtime
+
+    net, meta = M.load(multilabel_model)
+    films = open_films(films_dir)
+    names = [n for n in films.names if n[0] == "0"][:5]
+    fp32 = scores(net, meta, films, names, batch_size=4)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+
+    def no_autocast(*args, **kwargs):
+        raise AssertionError("fp32 scoring entered torch.autocast")
+
+    monkeypatch.setattr(torch, "autocast", no_autocast)
+    assert np.array_equal(scores(net, meta, films, names, batch_size=4), fp32)
+
+
+def test_bf16_is_opt_in_and_prints_its_measured_error(tmp_path, films_dir, metadata_csv, multilabel_model):
+    result = CliRunner().invoke(_cli(), [
+        "evaluate", "--model", str(multilabel_model), "--data", str(films_dir), "--metadata", str(metadata_csv),
+        "--out", str(tmp_path), "--n-boot", "10", "--batch-size", "4", "--no-progress", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["inference"]["precision"] == "bf16" and data["inference"]["backend"] == "torch"
+    assert data["inference"]["films_checked"] == 4 and 0 <= data["inference"]["max_abs_dp_vs_fp32"] < 1
+    assert "max |dp|" in result.output and "against fp32" in result.output
+    default = evaluate(multilabel_model, films_dir, metadata_csv, tmp_path / "fp32", n_boot=10, batch_size=4)
+    assert default["inference"] == {"backend": "onnx", "precision": "fp32", "max_abs_dp_vs_fp32": None,
+                                    "films_checked": None}
 
 
 def test_pneumothorax_model_on_a_saved_split(tmp_path, films_dir, metadata_csv, table):

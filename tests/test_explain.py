@@ -13,17 +13,16 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from cxr.explain import gradcam as E
-from cxr.nets import model as M
+from cxr import nets as M
 from cxr.findings import FINDINGS
 from cxr.data.transforms import preprocess
+from conftest import make_meta
 
 SIZE = 128  # Lite0's feature map is SIZE / 32 = 4 x 4
 
 
 def _meta(task="multilabel", size=SIZE, arch="efficientnet_lite0"):
-    if task == "pneumothorax":
-        return M.ModelMeta(arch, task, M.TWO_CLASS_OUTPUTS, "softmax", size, M.default_normalisation(arch))
-    return M.ModelMeta(arch, task, list(FINDINGS), "sigmoid", size, M.default_normalisation(arch))
+    return make_meta(arch, task, size)
 
 
 def _build(outputs=14, weights=None, arch="efficientnet_lite0"):

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from cxr import settings as config
 from cxr.inference import gate
-from cxr.images import read as images
-from cxr.nets import model as M
+from cxr import images
+from cxr import nets as M
 from cxr.errors import ModelError
-from cxr.findings import FINDINGS
+from conftest import make_meta
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 GATE_SIZE = 160  # Lite0 ImageNet features at 160 px: as separable as 224 px here at half the cost
@@ -30,8 +30,7 @@ DICOMS = ("CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch
 
 
 def meta_for(arch="efficientnet_lite0", size=GATE_SIZE, **kw) -> M.ModelMeta:
-    return M.ModelMeta(arch=arch, task="multilabel", outputs=list(FINDINGS), activation="sigmoid",
-                       input_size=size, normalisation=M.default_normalisation(arch), **kw)
+    return make_meta(arch, "multilabel", size, **kw)
 
 
 # ------------------------------------------------------------------------------------------ non-films

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from cxr.errors import CxrError
-from cxr.images.read import (
+from cxr.images import (
     CorruptImageError,
     EmptyImageError,
     ImageError,
@@ -264,3 +264,27 @@ def test_errors_are_one_family_and_survive_a_process_boundary():
         assert issubclass(cls, ImageError) and issubclass(cls, CxrError)
         back = pickle.loads(pickle.dumps(cls("film.png: what went wrong; what to do")))
         assert type(back) is cls and str(back) == "film.png: what went wrong; what to do"
+
+
+# -------------------------------------------------------------------------------- read_film, the package
+
+
+def test_read_film_is_one_decode_with_what_the_gate_needs(film_path, film):
+    from cxr import images
+
+    got = images.read_film(film_path)
+    assert got.name == str(film_path) and got.size == (film.shape[1], film.shape[0])
+    assert np.array_equal(got.gray, read_image(film_path)) and got.colourfulness == 0.0
+    photo = np.zeros((100, 120, 3), np.uint8)
+    photo[..., 0] = 255  # pure red: far over the gate's limit of 20
+    red = images.read_film(_save(Image.fromarray(photo), "PNG"))
+    assert red.name == "upload" and red.size == (120, 100) and red.colourfulness > 50
+
+
+def test_images_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, cxr.images as i; i.read_image; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

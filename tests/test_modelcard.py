@@ -3,7 +3,8 @@ import numpy as np
 from cxr.evaluation import metrics
 from cxr.evaluation import modelcard
 from cxr.findings import DISPLAY_NAMES, FINDINGS
-from cxr.nets.model import ModelMeta
+from cxr.meta import ModelMeta
+from conftest import make_meta
 
 
 def _meta() -> ModelMeta:
@@ -11,8 +12,7 @@ def _meta() -> ModelMeta:
     y = (rng.random((60, 14)) < 0.3).astype(np.uint8)
     p = np.clip(y * 0.3 + rng.random((60, 14)) * 0.7, 0, 1).astype(np.float32)
     summary = metrics.summarize(y, p, FINDINGS, n_boot=50)
-    return ModelMeta(arch="efficientnet_lite0", task="multilabel", outputs=list(FINDINGS), activation="sigmoid",
-                     normalisation="lite", metrics=summary,
+    return make_meta(metrics=summary,
                      provenance={"command": "cxr train --data X", "split": {"kind": "patient", "seed": 0}})
 
 

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,23 +15,21 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxr.inference import gate
-from cxr.images import read as images
+from cxr import images
 from cxr.data import transforms
-from cxr.nets import model as M
+from cxr import nets as M
 from cxr.cli import app
 from cxr.cli.predict import collect, in_shard, parse_shard
 from cxr.errors import CxrError
 from cxr.findings import FINDINGS
 from cxr.inference.predictor import TOLERANCE, Predictor, resolve_backend
+from conftest import make_meta
 
 SIZE = 64  # a small input keeps a random Lite0 fast; the pipeline is the same at any size
 
 
 def meta_for(arch="efficientnet_lite0", task="multilabel", size=SIZE, **kw) -> M.ModelMeta:
-    two = task == "pneumothorax"
-    return M.ModelMeta(arch=arch, task=task, outputs=M.TWO_CLASS_OUTPUTS if two else list(FINDINGS),
-                       activation="softmax" if two else "sigmoid", input_size=size,
-                       normalisation=M.default_normalisation(arch), **kw)
+    return make_meta(arch, task, size, **kw)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -161,6 +160,62 @@ def test_iter_predict_reports_progress_per_batch(predictor, films):
     assert seen == [4, 4, 2] and len(preds) == 10
 
 
+def test_numpy_preprocessing_is_the_training_transform_bit_for_bit(films):
+    from cxr.inference import pipeline
+
+    gray = images.read_image(films[0])
+    for meta in (meta_for(), meta_for(arch="densenet121", size=96)):  # lite and imagenet normalisations
+        got = pipeline.preprocess(gray, meta)
+        assert got.dtype == np.float32 and got.shape == (3, meta.input_size, meta.input_size)
+        assert np.array_equal(got, transforms.preprocess(gray, meta).numpy())
+
+
+def test_predict_film_reads_a_decoded_film_without_decoding_again(predictor, films, monkeypatch):
+    film = images.read_film(films[1].read_bytes(), name="upload")
+    assert film.size == (1024, 1024) and film.colourfulness == 0.0 and film.name == "upload"
+    plain = predictor.predict_one(films[1])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("predict_film decoded the film again")
+
+    monkeypatch.setattr(images, "read_image", refuse)
+    monkeypatch.setattr(images, "read_film", refuse)
+    pred = predictor.predict_film(film, heatmaps=["Effusion"], heatmap_max_side=256)
+    assert pred.name == "upload" and pred.size == (1024, 1024)
+    assert pred.probabilities == pytest.approx(plain.probabilities, abs=TOLERANCE["onnx"])
+    assert pred.heatmaps["Effusion"].shape == (256, 256)
+    wide = dataclasses.replace(film, gray=film.gray[:512], size=(1024, 512))
+    assert predictor.predict_film(wide, heatmaps=["Mass"], heatmap_max_side=100).heatmaps["Mass"].shape == (50, 100)
+
+
+def test_probabilities_of_is_predict_without_the_gate(predictor, films):
+    def unreadable():
+        raise images.CorruptImageError("bad.png: the PNG is truncated; re-send it")
+
+    grays = [images.read_image(films[0]), unreadable, lambda: images.read_image(films[2])]
+    got = predictor.probabilities_of(grays)
+    assert got.shape == (3, 14) and got.dtype == np.float32 and np.isnan(got[1]).all()
+    want = probs(predictor.predict([films[0], films[2]]))
+    np.testing.assert_allclose(got[[0, 2]], want, atol=1e-6)
+    with pytest.raises(images.CorruptImageError):
+        predictor.probabilities_of(grays, strict=True)
+
+
+def test_fp32_is_the_default_and_bf16_is_opt_in_with_its_error_measured(ckpt, films):
+    plain = Predictor(ckpt, backend="torch", batch_size=2)
+    assert plain.precision == "fp32" and plain.measured is None
+    fast = Predictor(ckpt, precision="bf16", batch_size=2)
+    assert fast.backend == "torch"  # "auto" picks the backend that can run bf16
+    got = probs(fast.predict(films[:3]))
+    assert fast.measured.films == 2 and 0 <= fast.measured.max_abs_dp < 1  # the first batch, against fp32
+    assert "max |dp|" in str(fast.measured)
+    assert np.abs(got[:2] - probs(plain.predict(films[:2]))).max() <= fast.measured.max_abs_dp + 1e-6
+    with pytest.raises(CxrError, match="bf16 runs on the torch backend only"):
+        Predictor(ckpt, backend="onnx", precision="bf16")
+    with pytest.raises(CxrError, match="unknown precision"):
+        Predictor(ckpt, backend="torch", precision="fp16")
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -170,8 +225,9 @@ def run_cli(*args: str):
     return result
 
 
-def test_cli_csv_on_a_folder(ckpt, images_1024):
-    result = run_cli(str(images_1024), "--model", str(ckpt), "--format", "csv")
+def test_cli_csv_on_a_folder(ckpt, images_1024, monkeypatch):
+    monkeypatch.chdir(images_1024)  # the file column starts with the folder as typed: here "."
+    result = run_cli(".", "--model", str(ckpt), "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(rows) == 24 and {r["status"] for r in rows} == {"ok"}
     header = list(rows[0])
@@ -180,7 +236,7 @@ def test_cli_csv_on_a_folder(ckpt, images_1024):
     assert {rows[0][f"{f}_positive"] for f in FINDINGS} <= {"0", "1"}
 
 
-def test_cli_json_with_bad_and_refused_files(ckpt, films, tmp_path):
+def test_cli_json_with_bad_and_refused_files(ckpt, films, tmp_path, monkeypatch):
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / "a.png").symlink_to(films[0])
@@ -188,7 +244,8 @@ def test_cli_json_with_bad_and_refused_files(ckpt, films, tmp_path):
     Image.new("L", (200, 200), 0).save(folder / "black.png")
     (folder / "notes.txt").write_text("ignored: not a film suffix")
     out = tmp_path / "out.json"
-    run_cli(str(folder), "--model", str(ckpt), "--format", "json", "--out", str(out))
+    monkeypatch.chdir(folder)  # the file column starts with the folder as typed: here "."
+    run_cli(".", "--model", str(ckpt), "--format", "json", "--out", str(out))
     rows = {r["file"]: r for r in json.loads(out.read_text())}
     assert sorted(rows) == ["black.png", "junk.png", "sub/a.png"]
     assert rows["sub/a.png"]["status"] == "ok" and len(rows["sub/a.png"]["probabilities"]) == 14
@@ -215,3 +272,38 @@ def test_cli_writes_heatmaps(ckpt, films, tmp_path):
     stem = films[0].as_posix().lstrip("/")[: -len(".png")]
     assert written == [f"{stem}/Effusion.png", f"{stem}/Mass.png"]
     assert Image.open(tmp_path / "maps" / written[0]).size == (1024, 1024)
+
+
+# ------------------------------------------------------------- CLI: typed paths and output names (issue 15)
+
+
+def test_cli_missing_typed_path_is_a_usage_error(ckpt, films, tmp_path):
+    missing = tmp_path / "missing-path"
+    result = CliRunner().invoke(app, ["predict", str(missing), str(films[0]), "--model", str(ckpt)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert str(missing) in result.stderr and "--keep-going" in result.stderr
+    kept = run_cli(str(missing), str(films[0]), "--model", str(ckpt), "--keep-going", "--no-progress")
+    rows = {r["file"]: r for r in csv.DictReader(io.StringIO(kept.stdout))}
+    assert rows[missing.as_posix()]["status"] == "error" and "no such file" in rows[missing.as_posix()]["message"]
+    assert rows[films[0].as_posix()]["status"] == "ok"
+
+
+def test_cli_unreadable_film_in_a_folder_is_still_a_row(ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "junk.png").write_text("not a film")
+    result = run_cli(str(tmp_path / "in"), "--model", str(ckpt))
+    (row,) = csv.DictReader(io.StringIO(result.stdout))
+    assert row["file"] == (tmp_path / "in" / "junk.png").as_posix() and row["status"] == "error"
+
+
+def test_cli_names_are_the_typed_folder_joined_with_the_path_inside(ckpt, films, tmp_path, monkeypatch):
+    for folder in ("a", "b/c"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "film.png").symlink_to(films[0])
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("a", "b/c", "./a/film.png", "--model", str(ckpt), "--format", "json")
+    rows = json.loads(result.stdout)
+    assert [r["file"] for r in rows] == ["a/film.png", "b/c/film.png"]  # the film typed twice is read once
+    assert all(r["status"] == "ok" for r in rows)
+    # --shard hashes the path inside the folder, so shards agree wherever the data is mounted
+    assert [k for _, k in collect([Path("a"), Path("b/c")])] == ["film.png", "film.png"]

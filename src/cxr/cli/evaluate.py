@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from cxr.cli import _options as opt
+
 
 class Subset(str, enum.Enum):
     val = "val"
@@ -16,9 +18,8 @@ class Subset(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
-    auto = "auto"
-    bf16 = "bf16"
     fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def evaluate(
@@ -37,11 +38,11 @@ def evaluate(
         None, "--compare", help="A second checkpoint scored on the same films: Fig. 21 (e.g. unweighted vs weighted loss)."),
     lists: Optional[Path] = typer.Option(None, "--lists", help="NIH's split lists for --split official; default: beside --metadata."),
     batch_size: int = typer.Option(32, "--batch-size"),
-    workers: int = typer.Option(0, "--workers", help="Processes decoding films alongside inference."),
+    workers: int = opt.workers(0, when_unset="0, decoding in this process"),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda; default: cuda if available."),
-    precision: Precision = typer.Option(Precision.auto, "--precision", help="Inference arithmetic: auto (bf16 where the hardware has it), bf16, fp32."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch backend); default: cpu, as `cxr predict` runs."),
+    precision: Precision = typer.Option(Precision.fp32, "--precision", help="Inference arithmetic: fp32 (default) or bf16 (opt-in, torch backend; its measured max |dp| against fp32 is printed)."),
+    progress: bool = opt.progress(),
 ) -> None:
     """Evaluate a model: AUC and AP per finding with 95% CIs, F1 variants, the paper's Figs 7, 9-12, 21."""
     from rich.progress import Progress
@@ -53,7 +54,7 @@ def evaluate(
         summary = run(
             None if model is None else str(model), data, metadata, out, split, subset=subset.value, seed=seed,
             task=task, compare=None if compare is None else str(compare), lists=lists, batch_size=batch_size,
-            workers=workers, n_boot=n_boot, device=device, bf16=None if precision is Precision.auto else precision is Precision.bf16,
+            workers=workers, n_boot=n_boot, device=device, precision=precision.value,
             progress=lambda done, total: bar.update(job, completed=done, total=total),
         )
     show(summary)

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from cxr.cli import _options as opt
 from cxr.errors import CxrError
 
 RANDOM_PREFIX = "random:"
@@ -20,7 +21,7 @@ def load_model(spec: str | None):
     """(model, meta): the bundled model (None), a checkpoint path, or random:ARCH (untrained, seed 0)."""
     import torch
 
-    from cxr.nets import model as M
+    from cxr import nets as M
     from cxr.findings import FINDINGS
 
     if spec is None or not spec.startswith(RANDOM_PREFIX):
@@ -150,6 +151,8 @@ def explain_cmd(
     heatmap_format: str = typer.Option("png", "--heatmap-format", help="png (16-bit: value/65535) | npy (float32)"),
     alpha: float = typer.Option(0.4, help="Heatmap opacity in the overlays."),
     panels: bool = typer.Option(True, "--panels/--no-panels", help="Draw the panel figures (the slow part)."),
+    threads: Optional[int] = opt.threads(),
+    progress: bool = opt.progress(),
 ) -> None:
     """Heatmaps of what the model looked at, per film and finding, at the film's own resolution.
 
@@ -162,6 +165,10 @@ def explain_cmd(
         raise CxrError(f"unknown --method {method!r}; expected one of: {', '.join(E.METHODS)}")
     if heatmap_format not in ("png", "npy"):
         raise CxrError(f"unknown --heatmap-format {heatmap_format!r}; expected png or npy")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # process-wide, as the Predictor does
     net, meta = load_model(model)
     wanted = "all" if any(f.strip().lower() == "all" for f in finding) else finding
     names = [meta.outputs[t] for t in E.target_indices(meta, wanted)]
@@ -171,10 +178,13 @@ def explain_cmd(
                "panels": panels}
     out.mkdir(parents=True, exist_ok=True)
     summary, records = [], []
-    for path, folder, gray in zip(images, _film_names(images), films):
-        item, recs = _explain_one(net, meta, path, out / folder, gray, names, context)
-        summary.append(item)
-        records.extend(recs)
+    with opt.progress_bar("explaining films", progress and len(films) > 1) as bar:
+        task = bar.add_task("explain", total=len(films))
+        for path, folder, gray in zip(images, _film_names(images), films):
+            item, recs = _explain_one(net, meta, path, out / folder, gray, names, context)
+            summary.append(item)
+            records.extend(recs)
+            bar.advance(task)
     (out / "explain.json").write_text(json.dumps({"method": method, "model": meta.provenance or meta.arch,
                                                   "films": summary}, indent=1))
     typer.echo(f"wrote heatmaps of {len(names)} finding(s) for {len(films)} film(s) to {out}")
@@ -183,7 +193,7 @@ def explain_cmd(
 
 
 def _read_films(paths: list[Path]) -> list[np.ndarray]:
-    from cxr.images.read import read_image
+    from cxr.images import read_image
 
     return [read_image(p) for p in paths]  # all read first: a bad file fails before any slow work
 
@@ -204,7 +214,7 @@ def _explain_one(net, meta, path: Path, folder: Path, gray: np.ndarray, names: l
     from cxr.explain import gradcam as E
     from cxr.explain import localize
     from cxr.findings import DISPLAY_NAMES
-    from cxr.nets.model import probabilities
+    from cxr.nets import probabilities
 
     maps, logits = E.explain_films_with_logits(net, meta, [gray], names, ctx["method"])
     probs = dict(zip(meta.outputs, probabilities(logits, meta)[0].tolist()))

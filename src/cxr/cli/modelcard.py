@@ -15,7 +15,7 @@ def model_card(
 ) -> None:
     """Model card: data, split, validation metrics with 95% CIs, intended use, not for clinical use."""
     from cxr.evaluation import modelcard
-    from cxr.nets.model import load_model
+    from cxr.nets import load_model
 
     _, meta = load_model(model)
     text = modelcard.render(meta, title=title)

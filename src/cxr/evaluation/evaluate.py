@@ -1,18 +1,19 @@
 """`cxr evaluate`: a model's scores on labelled films, then metrics (cxr.evaluation.metrics) and the report (cxr.evaluation.report).
 
 Labels come from NIH's metadata joined by file name; films the metadata does not know are reported and
-skipped, as are films that cannot be decoded. `scores` is the one batch-inference loop, shared with training.
+skipped, as are films that cannot be decoded. Films are scored by the `Predictor` (`probabilities_of`):
+the same preprocessing and backends as `cxr predict` and the API, fp32 unless bf16 is asked for, so the
+evaluated model is the model users run and the numbers do not depend on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from cxr.errors import CxrError, DataError
 
@@ -20,70 +21,31 @@ SUBSETS = ("val", "test", "all")
 _LISTED = 20  # skipped film names written out by name; the rest are counted
 
 
-class _Inputs(Dataset):
-    """(evaluation tensor, readable?) per film; an unreadable film yields zeros and False if asked to."""
-
-    def __init__(self, films, names: Sequence[str], meta, skip_unreadable: bool):
-        self.films, self.names, self.meta, self.skip = films, list(names), meta, skip_unreadable
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int):
-        from cxr.images.read import ImageError
-        from cxr.data.transforms import preprocess
-
-        try:
-            return preprocess(self.films.read(self.names[i]), self.meta), True
-        except ImageError:
-            if not self.skip:
-                raise
-            size = int(self.meta.input_size)
-            return torch.zeros(3, size, size), False
-
-
-def scores(model, meta, films, names: Sequence[str], batch_size: int = 32, *, device=None, workers: int = 0,
-           bf16: bool | None = None, channels_last: bool = True, skip_unreadable: bool = False,
+def scores(model, meta, films, names: Sequence[str], batch_size: int = 32, *, backend: str = "torch",
+           precision: str = "fp32", device: str = "cpu", workers: int = 0, skip_unreadable: bool = False,
            progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Probabilities (len(names) x len(meta.outputs), float32) from `cxr.nets.model.probabilities`.
+    """Probabilities (len(names) x len(meta.outputs), float32) of a model in memory, through the Predictor.
 
-    Films are read from `films` (`cxr.data.datasets.open_films`) and go through the model's own evaluation
-    transform. Runs under inference_mode with channels_last (which converts `model`'s
-    weights in place: same numbers, faster layout); the model's train/eval mode is restored afterwards.
-    bf16: autocast to bf16; None = where it is fast (GPUs, CPUs with native bf16; fp32 elsewhere).
+    Films are read from `films` (`cxr.data.datasets.open_films`) and scored as `cxr predict` scores them
+    (`Predictor.from_model(...).probabilities_of`). The model is put in eval mode and channels_last for
+    the pass (same numbers) and its train/eval mode is restored afterwards.
     skip_unreadable: rows of films that fail to decode are NaN instead of raising.
     progress: called with the number of films done after each batch.
     """
-    from cxr.nets.model import probabilities
+    from cxr.inference.predictor import Predictor
 
-    from cxr.settings import cpu_has_fast_bf16
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if bf16 is None:
-        bf16 = device.type == "cuda" or cpu_has_fast_bf16()
     was_training = model.training
-    model.eval().to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    loader = DataLoader(_Inputs(films, names, meta, skip_unreadable), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    out = np.empty((len(names), len(meta.outputs)), dtype=np.float32)
-    done = 0
     try:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            for x, ok in loader:
-                x = x.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                p = probabilities(model(x).float(), meta).cpu().numpy()
-                p[~ok.numpy()] = np.nan
-                out[done:done + len(p)] = p
-                done += len(p)
-                if progress:
-                    progress(done)
+        predictor = Predictor.from_model(model, meta, backend=backend, batch_size=batch_size, precision=precision,
+                                         device=device, workers=workers)
+        return predictor.probabilities_of(_readers(films, names), strict=not skip_unreadable, progress=progress)
     finally:
         model.train(was_training)
-    return out
+
+
+def _readers(films, names: Sequence[str]) -> list[Callable[[], np.ndarray]]:
+    """How to read each film: called in the Predictor's decode threads."""
+    return [functools.partial(films.read, n) for n in names]
 
 
 def model_info(spec, meta) -> dict:
@@ -100,33 +62,42 @@ def _label(info: dict) -> str:
     return info["name"] + (f" ({info['loss']} loss)" if info.get("loss") else "")
 
 
+def _dataset(meta) -> str:
+    """The data set the model was trained on (its label file is --metadata); NIH for older checkpoints."""
+    cfg = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
+    return cfg.get("dataset") or "nih"
+
+
 def _labelled_films(films, metadata, meta, task: str | None, notes: list[str]) -> tuple:
-    """(task frame of the films present, their targets, the task, names unknown to the metadata).
+    """(frame of the task's films present, their targets, the task, names unknown to the metadata).
 
     Films the metadata lacks, and films outside the task (No Finding films for the paper's tasks), are noted."""
-    from cxr.data import nih
+    import pandas as pd
+
+    from cxr.data.labels import labelled
+    from cxr.tasks import get_task
+
     task = task or meta.task
-    if task not in nih.TASKS:
-        raise CxrError(f"unknown task {task!r}; expected one of {', '.join(nih.TASKS)}")
-    table = nih.read_metadata(metadata)
-    if (task == "pneumothorax") != (meta.task == "pneumothorax"):
+    spec, own = get_task(task), get_task(meta.task)
+    if spec.activation != own.activation or not set(meta.outputs) <= set(spec.outputs):
         raise CxrError(f"a {meta.task} model cannot be evaluated on task {task}: the outputs differ")
-    present = set(films.names)
-    unknown = sorted(present - set(table["image"]))
+    _, _, info = labelled(_dataset(meta), films.names, spec, None, metadata=metadata)
+    unknown = list(info.unknown)
     if unknown:
         notes.append(f"{len(unknown)} films under the data folder are not in {Path(metadata).name} and were "
                      f"skipped: {', '.join(unknown[:_LISTED])}{' ...' if len(unknown) > _LISTED else ''}")
-    data = nih.select_task(table, task)
-    keep = data.df["image"].isin(present).to_numpy()
-    outside = len(present) - len(unknown) - int(keep.sum())
-    if outside:
-        notes.append(f"{outside} films are outside task {task} (e.g. 'No Finding' films) and were not evaluated")
-    return data.df[keep].reset_index(drop=True), np.asarray(data.targets)[keep], task, unknown
+    if info.outside:
+        notes.append(f"{info.outside} films are outside task {task} (e.g. 'No Finding' films) and were not evaluated")
+    df = pd.DataFrame({"image": list(info.all.names), "patient": info.all.patients})
+    df.attrs["task"] = task  # _split_names re-makes the split on these films, _truth reads their targets
+    return df, info.all.targets, task, unknown
 
 
 def _split_names(df, meta, split: str, subset: str, seed: int | None, metadata, lists) -> set[str]:
     """The subset's film names: from a training run's split.json, or re-made the way `cxr train` makes it."""
-    from cxr.data import nih
+    from cxr.data.labels import labelled
+    from cxr.data.splits import SPLITS
+
     if split == "model":  # the film names the checkpoint recorded for this subset (the bundled model does)
         recorded = (meta.provenance.get("split") or {}).get(subset)
         if not recorded:
@@ -137,67 +108,72 @@ def _split_names(df, meta, split: str, subset: str, seed: int | None, metadata, 
             return set(json.loads(Path(split).read_text())[subset])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{split}: not a split.json with a {subset!r} list of film names ({e})") from None
-    if split not in nih.SPLITS:
-        raise CxrError(f"unknown split {split!r}; expected one of {', '.join(nih.SPLITS)} or a split.json")
+    if split not in SPLITS:
+        raise CxrError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} or a split.json")
     cfg = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
     same = cfg.get("split") == split
     if seed is None:
         seed = int(cfg.get("seed", 0)) if same else 0  # cxr train's default seed is 0
     val, test = (cfg.get("val_fraction"), cfg.get("test_fraction")) if same else (None, None)
-    official = None
-    if split == "official":
-        official = nih.read_official_lists(lists or Path(metadata).parent)
-    parts = nih.make_split(df, split, seed=seed, val=val, test=test, lists=official)
-    return set(getattr(parts, subset))
+    train_part, val_part, info = labelled(_dataset(meta), df["image"], df.attrs.get("task", meta.task), split,
+                                          metadata=metadata, seed=seed, val=val, test=test, lists=lists)
+    return set({"train": train_part, "val": val_part, "test": info.test}[subset].names)
 
 
-def _truth(df, targets, meta) -> tuple[np.ndarray, list[str], list[float], slice]:
+def _truth(df, targets, meta) -> tuple[np.ndarray, list[str], list[float], slice | list[int]]:
     """(labels n x k, finding names, thresholds, the probability columns that are scored)."""
-    from cxr.findings import FINDINGS
+    from cxr.tasks import get_task
 
-    if meta.task == "pneumothorax":
-        return targets.reshape(-1, 1).astype(np.int8), ["Pneumothorax"], [meta.thresholds["Pneumothorax"]], slice(1, 2)
-    cols = [FINDINGS.index(o) for o in meta.outputs]
+    own, spec = get_task(meta.task), get_task(df.attrs.get("task", meta.task))
+    if own.softmax:  # exclusive classes: score the reported class(es), e.g. Pneumothorax, not "All others"
+        shown = list(own.reported)
+        return own.truth(targets), shown, [meta.thresholds[o] for o in shown], list(own.columns)
+    cols = [spec.outputs.index(o) for o in meta.outputs]
     return targets[:, cols].astype(np.int8), list(meta.outputs), [meta.thresholds[o] for o in meta.outputs], slice(None)
 
 
 def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, subset: str = "val",
              seed: int | None = None, task: str | None = None, compare=None, lists=None, batch_size: int = 32,
-             workers: int = 0, n_boot: int = 1000, boot_seed: int = 0, device=None, bf16: bool | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             workers: int = 0, n_boot: int = 1000, boot_seed: int = 0, device: str = "cpu", backend: str = "auto",
+             precision: str = "fp32", progress: Callable[[int, int], None] | None = None) -> dict:
     """Score the labelled films under `data` and write the report into `out_dir`; returns report.json's dict.
 
     model_spec: a checkpoint path, or None for the bundled model. split: None (every labelled film), a
     split kind ('patient', 'official', 'random', re-made as `cxr train` makes it: seed and fractions
     default to the model's own) or a run's split.json; subset: 'val', 'test' or 'all'. compare: a
     second checkpoint scored on the same films (Fig. 21). Metrics use the model's stored thresholds.
+    backend, precision, device: as for `Predictor` (fp32 by default; with bf16 its measured max |dp|
+    against fp32 is in report.json's "inference" and in the notes).
     """
     from cxr.evaluation import metrics
     from cxr.evaluation import report
-    from cxr.nets.model import load_model
+    from cxr.inference.predictor import Predictor
 
     if subset not in SUBSETS:
         raise CxrError(f"unknown subset {subset!r}; expected one of {', '.join(SUBSETS)}")
-    model, meta = load_model(model_spec)
-    model_b = meta_b = None
+    how = {"backend": backend, "precision": precision, "device": device, "batch_size": batch_size,
+           "workers": workers}
+    predictor = Predictor(model_spec, **how)
+    meta, meta_b, predictor_b = predictor.meta, None, None
     if compare is not None:
-        model_b, meta_b = load_model(compare)
+        predictor_b = Predictor(compare, **how)
+        meta_b = predictor_b.meta
         if meta_b.outputs != meta.outputs:
             raise CxrError(f"--compare model {compare} has outputs {meta_b.outputs}, not {meta.outputs}")
     sources = list(data) if isinstance(data, (list, tuple)) else [data]
     notes: list[str] = []
-    parts = [_score_source(s, metadata, model, meta, model_b, meta_b, task, split, subset, seed, lists, notes,
-                           batch_size=batch_size, device=device, workers=workers, bf16=bf16, progress=progress)
+    parts = [_score_source(s, metadata, predictor, predictor_b, task, split, subset, seed, lists, notes,
+                           progress=progress)
              for s in sources]
     # Several sources (e.g. the same films at 512 and 64 px) are pooled in the order given, as cxr train does.
     names = [n for part in parts for n in part["names"]]
     if not names:
         raise DataError(f"none of the labelled films under {', '.join(map(str, sources))} could be read")
     y, p = np.concatenate([part["y"] for part in parts]), np.concatenate([part["p"] for part in parts])
-    p_b = np.concatenate([part["p_b"] for part in parts]) if model_b is not None else None
+    p_b = np.concatenate([part["p_b"] for part in parts]) if predictor_b is not None else None
     findings, thresholds, task = parts[0]["findings"], parts[0]["thresholds"], parts[0]["task"]
     info = model_info(model_spec, meta)
-    info_b = model_info(compare, meta_b) if model_b is not None else None
+    info_b = model_info(compare, meta_b) if predictor_b is not None else None
     ok_all = sum(part["n_unreadable"] for part in parts)
     unknown = sum(part["n_unknown"] for part in parts)
     films_found = sum(part["n_found"] for part in parts)
@@ -207,6 +183,9 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
         curve = _thinned_pr_curve(y[:, j], p[:, j])
         if curve:
             summary["per_finding"][f]["pr_curve"] = curve
+    summary["inference"] = _inference_info(predictor)
+    if predictor.measured is not None:
+        notes.append(f"scored in {predictor.measured} (fp32 is the default; the numbers above are bf16's)")
     summary["notes"] = notes + summary["notes"]
     summary["model"] = info
     summary["data"] = {"path": str(data), "metadata": str(metadata), "task": task, "split": split,
@@ -236,12 +215,20 @@ def _thinned_pr_curve(y1: np.ndarray, p1: np.ndarray, points: int = 200) -> dict
             "precision": [round(float(v), 4) for v in precision[keep]]}
 
 
-def _score_source(data, metadata, model, meta, model_b, meta_b, task, split, subset, seed, lists, notes,
-                  **kw) -> dict:
+def _inference_info(predictor) -> dict:
+    """How the films were scored, for report.json: the backend and the arithmetic (and bf16's measured cost)."""
+    m = predictor.measured
+    return {"backend": predictor.backend, "precision": predictor.precision,
+            "max_abs_dp_vs_fp32": None if m is None else m.max_abs_dp, "films_checked": None if m is None else m.films}
+
+
+def _score_source(data, metadata, predictor, predictor_b, task, split, subset, seed, lists, notes,
+                  progress=None) -> dict:
     """Labels and probabilities for the films of one --data source (skipped films are noted)."""
     from cxr.data.datasets import open_films
 
     films = open_films(data)
+    meta = predictor.meta
     df, targets, task, unknown = _labelled_films(films, metadata, meta, task, notes)
     if split is not None and subset != "all":
         chosen = _split_names(df, meta, split, subset, seed, metadata, lists)
@@ -249,16 +236,15 @@ def _score_source(data, metadata, model, meta, model_b, meta_b, task, split, sub
         df, targets = df[keep].reset_index(drop=True), targets[keep]
     names = list(df["image"])
     y, findings, thresholds, cols = _truth(df, targets, meta)
-    progress = kw.pop("progress", None)
     tick = (lambda done: progress(done, len(names))) if progress else None
 
-    def run(m, mt):
+    def run(pred):
         if not names:
             return np.empty((0, len(findings)), dtype=np.float32)
-        return scores(m, mt, films, names, skip_unreadable=True, progress=tick, **kw)[:, cols]
+        return pred.probabilities_of(_readers(films, names), progress=tick)[:, cols]
 
-    p = run(model, meta)
-    p_b = run(model_b, meta_b) if model_b is not None else None
+    p = run(predictor)
+    p_b = run(predictor_b) if predictor_b is not None else None
     ok = np.isfinite(p).all(axis=1) & (np.isfinite(p_b).all(axis=1) if p_b is not None else True)
     if not ok.all():
         bad = [n for n, g in zip(names, ok) if not g]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxr.findings import DISPLAY_NAMES
-from cxr.nets.model import ModelMeta
+from cxr.meta import ModelMeta
 
 NOT_FOR_CLINICAL_USE = (
     "**Not for clinical use.** This is research software. It has not been validated prospectively, "

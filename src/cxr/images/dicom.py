@@ -8,19 +8,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from cxr.images.read import (
-    _FIX,
-    CorruptImageError,
-    ImageError,
-    NotAnImageError,
-    UnsupportedImageError,
-    _check_size,
-    _Limits,
-    _min_max,
-)
+from cxr.images.errors import FIX, CorruptImageError, ImageError, NotAnImageError, UnsupportedImageError
+from cxr.images.pillow import min_max
+from cxr.images.sniff import Limits, check_size
 
 
-def read_dicom(fp: BinaryIO, label: str, limits: _Limits, *, force: bool) -> np.ndarray:
+def read_dicom(fp: BinaryIO, label: str, limits: Limits, *, force: bool) -> np.ndarray:
     import pydicom  # about a second to import: only films that need it pay for it
 
     try:
@@ -28,7 +21,7 @@ def read_dicom(fp: BinaryIO, label: str, limits: _Limits, *, force: bool) -> np.
         ds = pydicom.dcmread(fp, force=force, defer_size="256 KB")
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for a bad header
         if force:  # it only looked like DICOM
-            raise NotAnImageError(f"{label}: not an image (unrecognised data); {_FIX}") from None
+            raise NotAnImageError(f"{label}: not an image (unrecognised data); {FIX}") from None
         raise CorruptImageError(f"{label}: DICOM header cannot be read ({e}); re-export the study") from None
     _check_dicom_header(ds, label, limits)
     _check_decoder(ds, label)
@@ -43,7 +36,7 @@ def read_dicom(fp: BinaryIO, label: str, limits: _Limits, *, force: bool) -> np.
     return gray
 
 
-def _check_dicom_header(ds, label: str, limits: _Limits) -> None:
+def _check_dicom_header(ds, label: str, limits: Limits) -> None:
     """Pixels present, one frame, a size within limits: all from the header, before any pixel is read."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         # pydicom stops quietly where a file is cut or garbled: an image class without pixels means damage.
@@ -66,7 +59,7 @@ def _check_dicom_header(ds, label: str, limits: _Limits) -> None:
             f"{label}: the DICOM has {frames} frames (a cine loop or volume); cxr reads one 2-D film: "
             "export a single frame"
         )
-    _check_size(cols, rows, label, limits)
+    check_size(cols, rows, label, limits)
 
 
 def _check_decoder(ds, label: str) -> None:
@@ -133,7 +126,7 @@ def _monochrome(arr: np.ndarray, ds) -> np.ndarray:
     if bits <= 8 and arr.dtype.kind == "u" and identity:
         # 8-bit pixels are display values already, like a PNG's; stretching them would change the film.
         return np.divide(arr, np.float32(2**bits - 1), dtype=np.float32)
-    return _min_max(values)  # deeper films rarely fill their bit range: stretch what is there
+    return min_max(values)  # deeper films rarely fill their bit range: stretch what is there
 
 
 def _voi(values: np.ndarray, ds) -> np.ndarray | None:

@@ -6,27 +6,22 @@ Two stages, both run by `cxr.inference.predictor.Predictor` on every input:
    are grayscale; `colourfulness` reads the ORIGINAL colours, before `images.read_image` makes them gray),
    blank or near-uniform images, shapes no film has (one side over twice the other) and images that are
    mostly one flat shade (documents, slides, drawings).
-2. A distance in the network's own feature space (`Stats`): the mean-pooled `model.features(x)` of a film,
+2. A distance in the network's own feature space (`Stats`): the mean-pooled `model.features(x)` of a film
+   (`cxr.inference.backends.pooled`, which every backend returns beside the logits),
    L2-normalised, compared with the training films by a probabilistic-PCA Mahalanobis distance (the top
    `dims` principal directions whitened, the rest as one isotropic residual). `cxr gate-fit` fits it and
    sets the threshold at `margin` x the `percentile`-th percentile of the distances of calibration films
    that the fit did not see. The statistics live in the checkpoint as extra tensors, the threshold and the
    method in `meta.gate`.
 
-Measured with EfficientNet-Lite0 ImageNet features at 160 px, fitted on 250 NIH films (+ their 64 px
-copies), over 10 random splits: held-out films accepted 98.4-100 % (images-512), 100 % (images-1024),
-99.3-100 % (images-64); 53 non-films (skimage photos, pydicom CT/MR/US/NM, rendered documents, UIs, plots,
-noise, flat images) refused 100 %, the nearest non-film at >= 1.27 x the threshold. Choices behind that:
-L2-normalising the pooled features raised that margin from ~1.1-1.3 to ~1.5 (a photo's features differ
-from a film's mostly in direction); the residual term carries most of the discrimination (non-films lie
-off the films' principal subspace), which is why a Mahalanobis distance inside a PCA subspace alone failed
-(non-films scored *lower* than films); Ledoit-Wolf on all 1280 dimensions did as well as PPCA but stores a
-6.5 MB precision matrix; fitting on 512 px films alone rejected 30-77 % of the 64 px films, so the fit
-and the calibration also see every film downscaled to `config.MIN_SIDE`, the smallest film cxr reads.
-Thresholds of the image checks: NIH films score 0 colourfulness (scikit-image's colour photos 16-135,
-most over 35; rendered colour plots 28-62), std >= 0.107 (flat images 0), and one shade covers <= 50 % of
-a film (documents and plots 78-91 %). With the bundled model's gate (fitted on images-512 and images-64)
-the same test set gives 99.8 % / 100 % / 100 % accepted and 100 % refused (nearest non-film 1.15 x).
+Choices behind the method, each measured (figures in docs/BENCHMARKS.md, "The gate"): L2-normalising
+the pooled features widens the margin between films and non-films (a photo's features differ from a
+film's mostly in direction); the residual term carries most of the discrimination (non-films lie off the
+films' principal subspace), which is why a Mahalanobis distance inside a PCA subspace alone failed;
+Ledoit-Wolf on all dimensions did as well as PPCA but stores a megabytes-large precision matrix; a fit on
+512 px films alone rejected many 64 px films, so the fit and the calibration also see every film
+downscaled to `config.MIN_SIDE`, the smallest film cxr reads. The image checks' thresholds below sit
+between what NIH films and non-films score.
 """
 
 from __future__ import annotations
@@ -72,7 +67,7 @@ def colourfulness(src) -> float:
     """
     from PIL import Image
 
-    from cxr.images.read import colourfulness_of
+    from cxr.images import colourfulness_of
 
     try:
         im = Image.open(io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src)
@@ -106,11 +101,6 @@ def image_check(gray: np.ndarray, colour: float = 0.0) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ feature distance
-
-
-def pooled(fmap: torch.Tensor) -> torch.Tensor:
-    """The gate's features: the feature map averaged over space, float32 B x C."""
-    return fmap.float().mean(dim=(2, 3))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
