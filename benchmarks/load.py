@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--films", type=Path, help="folder of PNG films (default: $CXR_DATA/images-512)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=200, help="per client")
-    p.add_argument("--raw", type=int, default=100, help="predict_one calls for the raw throughput (in two halves)")
+    p.add_argument("--raw", type=int, default=100, help="films read for the raw throughput (in two halves)")
     p.add_argument("--concurrency", type=int, default=1, help="the server's inference slots")
     p.add_argument("--threads", type=int, help="torch threads, for the server and the raw Predictor alike")
     p.add_argument("--max-seconds", type=float, default=240.0, help="stop the load phase after this long")
@@ -49,7 +49,7 @@ def pick_model(given: Path | None, workdir: Path) -> Path:
     # No bundled model in this checkout: a random-weight Lite0 at 224 px costs what the real one would.
     import torch
 
-    from cxr.nets import model as M
+    from cxr import nets as M
     from cxr.findings import FINDINGS
 
     torch.manual_seed(0)  # the same bytes every run: the Predictor's ONNX export is cached by content
@@ -70,7 +70,8 @@ def load_films(folder: Path | None, n: int = 32) -> list[bytes]:
 
 
 class Raw:
-    """Films per second through Predictor.predict_one, one after another (decode included, as in the API).
+    """Films per second read as the API reads them (images.read_film, then Predictor.predict_film), one
+    after another.
 
     Measured in two halves, before and after the load phase, so that a change in what else the machine is
     doing during the run weighs on both numbers alike. The calls run on a worker thread, as the server's
@@ -87,7 +88,7 @@ class Raw:
 
     def _warm(self) -> None:
         for f in self.films[:3]:
-            self.predictor.predict_one(f)  # first calls pay for allocation and thread-pool start
+            self._read(f)  # first calls pay for allocation and thread-pool start
 
     def _on_thread(self, fn, *args) -> None:
         t = threading.Thread(target=fn, args=args)
@@ -96,7 +97,12 @@ class Raw:
 
     def _calls(self, n: int) -> None:
         for i in range(n):
-            self.predictor.predict_one(self.films[(self.calls + i) % len(self.films)])
+            self._read(self.films[(self.calls + i) % len(self.films)])
+
+    def _read(self, data: bytes) -> None:
+        from cxr import images
+
+        self.predictor.predict_film(images.read_film(data, name="film"))
 
     def measure(self, n: int) -> None:
         start = time.perf_counter()
@@ -204,7 +210,8 @@ def main() -> None:
         finally:
             stop_server(proc)
         raw.measure(args.raw - args.raw // 2)
-    print(f"raw predictor: {raw.calls} sequential predict_one calls, half before and half after the load")
+    print(f"raw predictor: {raw.calls} films read one after another (read_film + predict_film), "
+          "half before and half after the load")
     report(latencies, errors, elapsed, raw.throughput, args.clients * args.requests)
 
 

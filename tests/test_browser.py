@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.nets import model as cxr_model
-from cxr.findings import FINDINGS
+from conftest import save_random_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 browser_test = pytest.mark.browser  # the tests that drive chromium; the served-HTML checks need none
@@ -50,17 +49,11 @@ def _serve(app):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import torch
-
     from cxr.inference.predictor import Predictor
     from cxr.web.app import create_app
 
-    torch.manual_seed(0)
-    net = cxr_model.build("efficientnet_lite0", 14, weights=None)
-    meta = cxr_model.ModelMeta(arch="efficientnet_lite0", task="multilabel", outputs=list(FINDINGS),
-                               activation="sigmoid", input_size=128, normalisation="lite",
-                               metrics={"macro_auc": 0.5, "n_images": 10, "subset": "validation"})
-    path = cxr_model.save(tmp_path_factory.mktemp("model") / "browser-lite0.safetensors", net, meta)
+    path = save_random_model(tmp_path_factory.mktemp("model") / "browser-lite0.safetensors",
+                             metrics={"macro_auc": 0.5, "n_images": 10, "subset": "validation"})
     yield from _serve(create_app(Predictor(path, threads=1), model=path))
 
 
@@ -226,7 +219,7 @@ def test_served_page_is_self_contained(server):
     assert "Not for clinical use" in page and "they do not add up to 100%" in page
     assert '<input id="camera" class="file" type="file" accept="image/*,.dcm,application/dicom" capture' in page
     assert re.search(r'<input id="picker"[^>]*accept="image/\*,\.dcm,application/dicom">', page)
-    static = Path(__file__).resolve().parents[1] / "src" / "cxr" / "static"
+    from cxr.settings import STATIC_DIR as static  # where the app serves /static from
     for f in static.iterdir():  # everything the page loads is served from here: no CDN, no web fonts
         assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(\s*["']?https?:""", f.read_text()), f
         assert httpx.get(f"{server}/static/{f.name}").status_code == 200, f.name

@@ -13,18 +13,15 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from pathlib import Path
 
 import anyio
-import numpy as np
 import psutil
 import pytest
 from fastapi.testclient import TestClient
 
 from cxr import settings as config
-from cxr.nets import model as cxr_model
-from cxr.findings import FINDINGS
 from cxr.web.app import create_app
+from conftest import save_random_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -38,15 +35,9 @@ EXPECTED_WHERE_OBVIOUS = {"bomb": {413}, "wrong-type": {400, 415}, "dicom-no-pix
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    import torch
-
     from cxr.inference.predictor import Predictor
 
-    torch.manual_seed(0)
-    net = cxr_model.build("efficientnet_lite0", 14, weights=None)
-    meta = cxr_model.ModelMeta(arch="efficientnet_lite0", task="multilabel", outputs=list(FINDINGS),
-                               activation="sigmoid", input_size=128, normalisation="lite")
-    return Predictor(cxr_model.save(tmp_path_factory.mktemp("model") / "hostile.safetensors", net, meta), threads=1)
+    return Predictor(save_random_model(tmp_path_factory.mktemp("model") / "hostile.safetensors"), threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +52,8 @@ def client(app):
 
 
 @pytest.fixture(scope="module")
-def film(images_512) -> bytes:
-    return sorted(images_512.glob("*.png"))[0].read_bytes()
+def film(first_film_512) -> bytes:
+    return first_film_512.read_bytes()
 
 
 def post(client, data: bytes, filename: str = "film.png"):

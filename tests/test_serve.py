@@ -24,13 +24,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cxr.web import schemas as api_models
-from cxr.nets import model as cxr_model
 from cxr.cli.serve import resolve_port
 from cxr.errors import CxrError
 from cxr.findings import FINDINGS
-from cxr.images.read import read_image
+from cxr.images import read_film
 from cxr.web.app import create_app
+from conftest import save_random_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -42,17 +41,11 @@ AUCS = {f: 0.6 + 0.01 * i for i, f in enumerate(FINDINGS)}
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    net = cxr_model.build("efficientnet_lite0", 14, weights=None)
-    meta = cxr_model.ModelMeta(
-        arch="efficientnet_lite0", task="multilabel", outputs=list(FINDINGS), activation="sigmoid",
-        input_size=128, normalisation="lite", thresholds={"Effusion": 0.3, "Hernia": 0.05},
+    return save_random_model(
+        tmp_path_factory.mktemp("model") / "tiny-lite0.safetensors", thresholds={"Effusion": 0.3, "Hernia": 0.05},
         metrics={"per_finding": {f: {"auc": a} for f, a in AUCS.items()}, "macro_auc": 0.665,
                  "n_images": 1234, "subset": "validation"},
     )
-    return cxr_model.save(tmp_path_factory.mktemp("model") / "tiny-lite0.safetensors", net, meta)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +62,8 @@ def client(predictor, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def film(images_512) -> bytes:
-    return sorted(images_512.glob("*.png"))[0].read_bytes()
+def film(first_film_512) -> bytes:
+    return first_film_512.read_bytes()
 
 
 def post(client, data: bytes, query: str = "", filename: str = "film.png", field: str = "file"):
@@ -152,30 +145,36 @@ def test_preview_is_the_film_as_read(client, film):
     assert np.abs(np.asarray(im, np.int16) - original).max() <= 1
 
 
-def test_large_film_reaches_the_predictor_bounded(client, film):
-    """A 3000 px film (a phone photo's size) is read at 1024 px: heatmaps stay affordable, gray levels kept."""
-    big = Image.open(io.BytesIO(film)).resize((3000, 2400), Image.Resampling.BICUBIC)
-    body = post(client, png(np.asarray(big)), "?heatmaps=all&preview=true").json()
+def test_large_film_is_decoded_once_and_read_as_the_cli_reads_it(client, predictor, film, monkeypatch):
+    """A 3000 px film (a phone photo's size): one decode per request, the same probabilities as the
+    Predictor on the file, and heatmaps computed at most 256 px (at the film's size they would be hundreds
+    of MB), its aspect kept."""
+    big = png(np.asarray(Image.open(io.BytesIO(film)).resize((3000, 2400), Image.Resampling.BICUBIC)))
+    direct = predictor.predict_one(big)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    body = post(client, big, "?heatmaps=all&preview=true").json()
+    assert len(opened) == 1, f"the upload was opened {len(opened)} times"
     assert body["image"]["width"] == 3000 and body["image"]["height"] == 2400 and len(body["heatmaps"]) == 14
     assert decode_data_url(body["image"]["preview"]).size == (512, 410)
-    gray = np.random.default_rng(0).random((2500, 3000), dtype=np.float32)
-    data, small = api_models.bounded_film(b"original", gray)
-    expected = Image.fromarray(gray, mode="F").resize((1024, 853), Image.Resampling.BILINEAR, reducing_gap=None)
-    assert small.shape == (853, 1024) and np.abs(small - np.asarray(expected)).max() < 1e-4  # 16-bit: kept
-    assert api_models.bounded_film(b"original", gray[:1024, :1000])[0] == b"original"
+    for url in body["heatmaps"].values():
+        w, h = decode_data_url(url).size
+        assert w == 256 and abs(h - 205) <= 1
+    for f in body["findings"]:
+        assert f["probability"] == pytest.approx(direct.probabilities[f["name"]], abs=1e-5)
 
 
 def test_large_colour_photo_stays_colour_for_the_gate(client):
-    """The gate measures colour in the original bytes: downscaling must not turn a photo gray."""
+    """The gate measures colour in the original colours, whatever the photo's size: a photo stays refused."""
     from cxr.inference import gate
     rng = np.random.default_rng(1)
     photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((4000, 3000))
     buf = io.BytesIO()
     photo.save(buf, format="JPEG", quality=90)
-    data, small = api_models.bounded_film(buf.getvalue(), read_image(buf.getvalue()))
-    assert small.shape == (768, 1024)
-    assert gate.colourfulness(data) == pytest.approx(gate.colourfulness(buf.getvalue()), rel=0.1)
-    assert gate.colourfulness(data) > gate.MAX_COLOURFULNESS
+    read = read_film(buf.getvalue())  # the web's one decode measures colour on the original colours
+    assert read.colourfulness == pytest.approx(gate.colourfulness(buf.getvalue()), rel=0.1)
+    assert read.colourfulness > gate.MAX_COLOURFULNESS
     assert_refusal(post(client, buf.getvalue()), 422, "not_a_chest_xray")
 
 
@@ -230,10 +229,10 @@ def test_gate_refusal_is_a_distinct_422(predictor, film):
     import dataclasses
 
     def refused(*args, **kwargs):
-        pred = predictor.predict_one(*args, **kwargs)
+        pred = predictor.predict_film(*args, **kwargs)
         return dataclasses.replace(pred, refused="Looks like a photo of a hand.", gate_score=0.03)
 
-    app = create_app(types.SimpleNamespace(meta=predictor.meta, predict_one=refused))
+    app = create_app(types.SimpleNamespace(meta=predictor.meta, predict_film=refused))
     with TestClient(app) as c:
         body = assert_refusal(post(c, film, "?heatmaps=all&preview=true"), 422, "not_a_chest_xray")
     assert set(body) == {"error", "message", "gate_score"} and body["gate_score"] == pytest.approx(0.03)
@@ -259,10 +258,10 @@ class Blocking:
         self.inner, self.meta = inner, inner.meta
         self.release, self.started = threading.Event(), threading.Semaphore(0)
 
-    def predict_one(self, *args, **kwargs):
+    def predict_film(self, *args, **kwargs):
         self.started.release()
         assert self.release.wait(60), "the test never released the predictor"
-        return self.inner.predict_one(*args, **kwargs)
+        return self.inner.predict_film(*args, **kwargs)
 
 
 def test_saturated_server_answers_503_and_stays_responsive(predictor, film):
@@ -297,7 +296,7 @@ def test_no_debug_and_no_tracebacks(predictor, film):
     def explode(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    app = create_app(types.SimpleNamespace(meta=predictor.meta, predict_one=explode))
+    app = create_app(types.SimpleNamespace(meta=predictor.meta, predict_film=explode))
     assert app.debug is False
     with TestClient(app, raise_server_exceptions=False) as c:
         r = post(c, film)
