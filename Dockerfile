@@ -24,17 +24,18 @@ COPY requirements.lock ./
 RUN pip install --index-url "$TORCH_INDEX" \
         "torch==$(sed -n 's/^torch==//p' requirements.lock)" \
         "torchvision==$(sed -n 's/^torchvision==//p' requirements.lock)" \
- && grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|playwright|pytest|pytest-xdist|execnet|iniconfig|pluggy|greenlet|scikit-image|onnxscript|onnx-ir)==' \
+ && grep -v -E '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+|playwright|pytest|pytest-xdist|execnet|iniconfig|pluggy|greenlet|scikit-image|onnxscript|onnx-ir|ruff|import-linter|grimp)==' \
         requirements.lock > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 # The package, with the bundled model under src/cxr/assets/ and the page under src/cxr/web/static/.
-# Editable install: the package runs from /app/src as copied, so every file in it (the model included)
-# is there whatever the package-data globs say.
+# A plain (not editable) install, as `pip install .` anywhere: cxr finds its model and page through
+# importlib.resources (package-data in pyproject.toml; tests/test_packaging.py checks such an install).
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-deps -e . && python -c "import cxr.web.app"
+RUN pip install --no-deps . && rm -rf src build && python -c "from cxr import settings; \
+assert settings.BUNDLED_MODEL.is_file() and (settings.STATIC_DIR / 'index.html').is_file()"
 
 # Never run as root: a fixed unprivileged user that owns nothing it could change but its cache.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin cxr \

@@ -12,5 +12,9 @@ setup:
 run: setup
 	LD_PRELOAD=$(TCMALLOC) .venv/bin/cxr serve --host $(HOST) --port $(PORT)
 
+# The dependency rules (import-linter, contracts in pyproject.toml) and ruff first: seconds, and they
+# name the offending import or line before the long test run starts.
 test: setup
+	.venv/bin/lint-imports
+	.venv/bin/ruff check
 	LD_PRELOAD=$(TCMALLOC) .venv/bin/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
