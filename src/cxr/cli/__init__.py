@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from cxr import settings
 from cxr.errors import CxrError
 
 app = typer.Typer(
@@ -20,18 +21,18 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Every module in this package defines `register(app)`; heavy imports stay inside the commands.
+# Every public module in this package defines `register(app)`; heavy imports stay inside the commands.
+# Private modules (_options) hold what the commands share.
 for _mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    importlib.import_module(f"{__name__}.{_mod.name}").register(app)
+    if not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}").register(app)
 
 
 def _preload_tcmalloc() -> None:
     """Re-exec under tcmalloc: glibc malloc halves PyTorch's CPU speed on this kind of machine."""
-    if os.environ.get("CXR_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
     libs = glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4")
-    if libs and sys.argv and os.path.exists(sys.argv[0]):
-        env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [libs[0], os.environ.get("LD_PRELOAD")])))
+    env = settings.tcmalloc_env(libs[0]) if libs else None
+    if env is not None and sys.argv and os.path.exists(sys.argv[0]):
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from cxr.cli import _options as opt
 from cxr.errors import CxrError
 
 MODEL_HELP = "A cxr checkpoint (.safetensors); default: the bundled model."
@@ -19,31 +20,38 @@ MODEL_HELP = "A cxr checkpoint (.safetensors); default: the bundled model."
 
 
 def collect(paths: list[Path]) -> list[tuple[Path, str]]:
-    """(path, key) for every film named or found (recursively) under a folder, sorted by key.
+    """(path, key) for every film named or found (recursively) under a folder, sorted by path.
 
-    key: the path relative to the folder it was found in (as typed, for a file named directly), in
-    '/' form: what --shard hashes, so shards agree across machines that mount the data elsewhere.
-    A named file is always taken (its content decides what it is); in folders, films by suffix or DICOM
-    magic, hidden files and folders skipped.
+    path: the folder as typed joined with the path inside it, so two folders holding a.png give two
+    names (`film_name` is what the output shows). key: the path relative to the folder it was found in
+    (as typed, for a file named directly), in '/' form: what --shard hashes, so shards agree across
+    machines that mount the data elsewhere. A named file is always taken (its content decides what it
+    is); in folders, films by suffix or DICOM magic, hidden files and folders skipped.
     """
-    from cxr.data.cache import is_film_file
+    from cxr.data.films import is_film_file
 
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[Path, str]] = {}  # by name: a film typed and also found in its folder is read once
     for root in paths:
         if not root.is_dir():
-            found.setdefault(Path(root).as_posix(), root)
+            found.setdefault(film_name(root), (root, Path(root).as_posix()))
             continue
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in filenames:
                 path = Path(dirpath) / name
-                if not is_film_file(path):
-                    continue
-                key = path.relative_to(root).as_posix()
-                if key in found:  # the same relative path under two folders: tell them apart in full
-                    key = path.as_posix()
-                found.setdefault(key, path)
-    return sorted(((p, k) for k, p in found.items()), key=lambda pk: pk[1])
+                if is_film_file(path):
+                    found.setdefault(film_name(path), (path, path.relative_to(root).as_posix()))
+    return [found[name] for name in sorted(found)]
+
+
+def film_name(path: Path) -> str:
+    """A film's name in the output: its path as typed (joined with the path inside a folder), '/' form."""
+    return Path(path).as_posix()
+
+
+def missing(paths: list[Path]) -> list[Path]:
+    """The paths typed on the command line that name nothing (a broken link included)."""
+    return [p for p in paths if not p.exists()]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -98,11 +106,11 @@ class _JsonWriter:
 
 
 def _save_heatmaps(folder: Path, key: str, path: Path, pred) -> None:
-    """One overlay PNG per finding: FOLDER/<key without suffix>/<Finding>.png (never outside FOLDER)."""
+    """One overlay PNG per finding: FOLDER/<film name without suffix>/<Finding>.png (never outside FOLDER)."""
     from PIL import Image
 
     from cxr.explain import gradcam as explain
-    from cxr.images import read as images
+    from cxr import images
     rel = Path(key).with_suffix("")
     target = folder.joinpath(*(part for part in rel.parts if part not in ("..", ".", rel.anchor)))
     target.mkdir(parents=True, exist_ok=True)
@@ -118,23 +126,32 @@ def predict(
     paths: list[Path] = typer.Argument(..., help="Films (PNG, JPEG, DICOM) and folders of them (searched recursively)."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     fmt: str = typer.Option("csv", "--format", help="csv | json"),
-    out: Optional[Path] = typer.Option(None, help="File to write (default: standard output)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: standard output)."),
     shard: Optional[str] = typer.Option(None, help="i/n: read only shard i (0-based) of n, e.g. one per machine."),
     batch_size: int = typer.Option(16, help="Films per forward pass."),
     backend: str = typer.Option("auto", help="auto | onnx | torch"),
-    threads: Optional[int] = typer.Option(None, help="Compute threads (default: one per core)."),
+    threads: Optional[int] = opt.threads(),
     heatmaps: Optional[Path] = typer.Option(None, help="Folder for Grad-CAM overlays, one PNG per film and finding."),
     heatmap_findings: str = typer.Option("all", help="With --heatmaps: 'all' or a comma list of findings."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on standard error."),
+    progress: bool = opt.progress(),
+    keep_going: bool = typer.Option(False, "--keep-going", help="A typed path that does not exist gives an "
+                                    "error row instead of stopping with a usage error (for scripts)."),
 ) -> None:
     """Read films: one row per film with its status, then each finding's probability and positive flag.
 
     A film that cannot be read or that the gate refuses gives a row with its reason and no probabilities.
+    A path on the command line that does not exist is a usage error (exit 2) unless --keep-going.
     """
     from cxr.inference.predictor import Predictor
 
     if fmt not in ("csv", "json"):
         raise CxrError(f"--format {fmt!r}: expected csv or json")
+    absent = [] if keep_going else missing(paths)
+    if absent:
+        # Plain text, not click's boxed usage error: the box wraps long paths mid-name, and a user copies them.
+        typer.echo(f"Usage error: {', '.join(map(str, absent))}: no such file or folder. Check the path, or pass "
+                   "--keep-going to get an error row for each missing path and read the rest.", err=True)
+        raise typer.Exit(2)
     films = collect(paths)
     if shard:
         i, n = parse_shard(shard)
@@ -153,31 +170,22 @@ def predict(
                f"{counts['error']} unreadable{where}", err=True)
 
 
-def _bar(label: str, show: bool):
-    """A rich progress bar on standard error, drawn only on a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
-                    disable=not (show and console.is_terminal))
-
-
 def _run(predictor, films, fmt, out, wanted, heatmap_dir, show) -> dict[str, int]:
     counts = {"ok": 0, "refused": 0, "error": 0}
     stream = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout  # noqa: SIM115 - closed below
-    bar = _bar("reading films", show and len(films) > 1)
+    bar = opt.progress_bar("reading films", show and len(films) > 1)
     try:
         writer = _CsvWriter(stream, predictor.findings) if fmt == "csv" else _JsonWriter(stream)
         with bar:
             task = bar.add_task("predict", total=len(films))
-            preds = predictor.iter_predict([p for p, _ in films], names=[k for _, k in films], heatmaps=wanted,
+            names = [film_name(p) for p, _ in films]
+            preds = predictor.iter_predict([p for p, _ in films], names=names, heatmaps=wanted,
                                            progress=lambda n: bar.advance(task, n))
-            for (path, key), pred in zip(films, preds):
+            for (path, _), name, pred in zip(films, names, preds):
                 counts[pred.status] += 1
                 if pred.heatmaps:
-                    _save_heatmaps(heatmap_dir, key, path, pred)
-                writer.write(key, pred)
+                    _save_heatmaps(heatmap_dir, name, path, pred)
+                writer.write(name, pred)
         writer.close()
     finally:
         if out:
@@ -198,7 +206,7 @@ def export_cmd(
 def gate_fit(
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     data: list[Path] = typer.Option(..., "--data", help="Folder of real frontal films; repeat for several."),
-    out: Optional[Path] = typer.Option(None, help="Checkpoint to write (default: update --model in place)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Checkpoint to write (default: update --model in place)."),
     percentile: float = typer.Option(99.0, help="Percentile of the calibration films' distances ..."),
     margin: float = typer.Option(1.1, help="... times this factor is the threshold."),
     dims: int = typer.Option(64, help="Principal directions whitened (the rest is one residual term)."),
@@ -206,21 +214,23 @@ def gate_fit(
     max_films: int = typer.Option(4000, help="Use at most this many films (a fixed sample by hashed name)."),
     batch_size: int = typer.Option(16),
     backend: str = typer.Option("auto", help="auto | onnx | torch"),
+    threads: Optional[int] = opt.threads(),
+    progress: bool = opt.progress(),
 ) -> None:
     """Fit the not-a-chest-X-ray gate on real films and store it in the checkpoint."""
     import dataclasses
 
     from cxr import settings as config
     from cxr.inference import gate
-    from cxr.nets import model as M
+    from cxr import nets as M
     from cxr.inference.predictor import Predictor
 
     source = model if model is not None else config.BUNDLED_MODEL
     films = [p for p, _ in collect(data)]
     if not films:
         raise CxrError("no films found under --data: give folders of PNG, JPEG or DICOM frontal films")
-    predictor = Predictor(source, backend=backend, batch_size=batch_size)
-    with _bar("fitting the gate", True) as bar:
+    predictor = Predictor(source, backend=backend, batch_size=batch_size, threads=threads)
+    with opt.progress_bar("fitting the gate", progress) as bar:
         task = bar.add_task("fit", total=min(len(films), max_films or len(films)))
         gate_meta, tensors = gate.fit(predictor, films, dims=dims, percentile=percentile, margin=margin,
                                       calibration_fraction=calibration_fraction, max_films=max_films,

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from cxr.cli import _options as opt
 from cxr.errors import CxrError
 
 _SHOWN_FAILURES = 20  # the rest are in failed.json
@@ -17,14 +18,15 @@ def prepare(
     images_dir: Annotated[Path, typer.Argument(help="Folder of PNG/JPEG/DICOM films (subfolders included).")],
     out: Annotated[Path, typer.Option("--out", help="Cache folder to create or extend.")],
     size: Annotated[int, typer.Option(help="Side of the stored square films, in pixels.")] = 256,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: one per CPU core).")] = None,
+    workers: int | None = opt.workers(),
+    progress: bool = opt.progress(),
 ) -> None:
     """Decode every film once, resize it and store it in one memory-mapped file; re-running adds only new films."""
     from rich.console import Console
 
     from cxr.data.cache import prepare as run_prepare
 
-    report = run_prepare(images_dir, out, size=size, workers=workers, progress=True)
+    report = run_prepare(images_dir, out, size=size, workers=workers, progress=progress)
     console = Console()
     console.print(
         f"[bold]{report.out_dir}[/bold]: {report.total} films at {report.size} px  "
@@ -51,7 +53,7 @@ def augment_preview(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from cxr.images import read as images
+    from cxr import images
     from cxr.data import transforms
     gray = images.read_image(image)
     # mean 0, std 1: the grid shows the augmented film in [0, 1], before the model's normalisation

@@ -21,6 +21,15 @@ function pct(p) {
   return Math.round(p * 100) + "%";
 }
 
+// Server messages are clauses joined for a terminal ("the uploaded file: ...; send ..."): the page shows
+// each as a sentence, with a capital and a full stop.
+function sentence(text) {
+  const t = String(text).trim();
+  if (!t) return t;
+  const s = t[0].toUpperCase() + t.slice(1);
+  return /[.!?]["')\]]*$/.test(s) ? s : s + ".";
+}
+
 function setStatus(text, busy) {
   const s = $("status");
   s.textContent = text;
@@ -33,13 +42,13 @@ function clearMessages() {
 }
 
 function showError(message) {
-  $("error-message").textContent = message;
+  $("error-message").textContent = sentence(message);
   $("error").hidden = false;
   $("error").scrollIntoView({ block: "nearest" });
 }
 
 function showRefusal(message) {
-  $("refusal-message").textContent = message;
+  $("refusal-message").textContent = sentence(message);
   $("refusal").hidden = false;
   $("refusal").scrollIntoView({ block: "nearest" });
 }
