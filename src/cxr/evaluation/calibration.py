@@ -1,0 +1,138 @@
+"""Calibration and operating points, fitted on held-out (out-of-fold or a site's own) predictions.
+
+Why Platt scaling per finding (a logistic fit of the label on the model's logit): with tens of positives
+per finding, isotonic regression memorises the few positives; two parameters per finding do not.
+Operating points are chosen by a stated policy (default: specificity 0.90), because Youden's J on a few
+hundred films lands thresholds near the floor and flags most findings on most films.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cxr.errors import CxrError
+
+DEFAULT_POLICY = "spec:0.90"
+MIN_POSITIVES = 5  # fewer than this and a finding's calibration (or threshold) is refused, not guessed
+MIN_NEGATIVES = 5
+
+
+class CalibrationError(CxrError):
+    """Too few labelled films to fit calibration or an operating point for a finding."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a threshold is chosen: 'youden', 'spec:X' (specificity at least X) or 'sens:X' (sensitivity at least X)."""
+
+    kind: str
+    value: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        text = text.strip().lower()
+        if text == "youden":
+            return cls("youden")
+        kind, _, value = text.partition(":")
+        try:
+            v = float(value)
+        except ValueError:
+            v = -1.0
+        if kind not in ("spec", "sens") or not 0.0 < v < 1.0:
+            raise CxrError(f"unknown operating-point policy {text!r}; use youden, spec:X or sens:X with 0 < X < 1 "
+                           f"(default {DEFAULT_POLICY})")
+        return cls(kind, v)
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:.2f}"
+
+
+def _counts(y: np.ndarray, name: str) -> None:
+    pos = int(y.sum())
+    neg = len(y) - pos
+    if pos < MIN_POSITIVES or neg < MIN_NEGATIVES:
+        raise CalibrationError(f"{name}: {pos} positive and {neg} negative films; at least {MIN_POSITIVES} of "
+                               f"each are needed to fit it. Label more films with this finding, or leave it "
+                               "uncalibrated (it is then reported as not assessed).")
+
+
+def fit_platt(logit: np.ndarray, y: np.ndarray, name: str = "finding") -> tuple[float, float]:
+    """(a, b) so that sigmoid(a * logit + b) is calibrated on these films; scikit-learn's logistic fit,
+    lightly regularised so that a finding with few positives cannot get an absurd slope."""
+    from sklearn.linear_model import LogisticRegression
+
+    logit = np.asarray(logit, np.float64).reshape(-1, 1)
+    y = np.asarray(y).astype(int).ravel()
+    _counts(y, name)
+    fit = LogisticRegression(C=1.0, solver="lbfgs").fit(logit, y)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def apply_platt(logits: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities, float32: sigmoid(a * logit + b) per column (numerically stable)."""
+    z = np.asarray(logits, np.float64) * np.asarray(a, np.float64) + np.asarray(b, np.float64)
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+
+
+def threshold(y: np.ndarray, p: np.ndarray, policy: Policy | str = DEFAULT_POLICY, name: str = "finding") -> float:
+    """The operating threshold on p that the policy picks on these films (a film is flagged when p >= t)."""
+    from sklearn.metrics import roc_curve
+
+    policy = Policy.parse(policy) if isinstance(policy, str) else policy
+    y = np.asarray(y).astype(int).ravel()
+    p = np.asarray(p, np.float64).ravel()
+    _counts(y, name)
+    fpr, tpr, thr = roc_curve(y, p)
+    thr = np.minimum(thr, 1.0)  # sklearn's first threshold is inf: "flag nothing"
+    if policy.kind == "youden":
+        i = int(np.argmax(tpr - fpr))
+    elif policy.kind == "spec":
+        ok = np.flatnonzero(1.0 - fpr >= policy.value)  # the most sensitive point that keeps the specificity
+        i = int(ok[-1])
+    else:
+        ok = np.flatnonzero(tpr >= policy.value)  # the most specific point that reaches the sensitivity
+        i = int(ok[0])
+    return float(thr[i])
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    return float(np.mean((p - y) ** 2))
+
+
+def brier_skill(y: np.ndarray, p: np.ndarray, base_rate: float | None = None) -> float:
+    """1 - Brier / Brier of always predicting the base rate: > 0 beats knowing the prevalence, < 0 is worse.
+    base_rate: the prevalence the reference predicts (default: that of these films)."""
+    y = np.asarray(y, np.float64)
+    rate = float(y.mean()) if base_rate is None else float(base_rate)
+    ref = float(np.mean((rate - y) ** 2))
+    return float("nan") if ref == 0 else 1.0 - brier(y, p) / ref
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    """Equal-mass bins (each holds about the same number of films, so no bin is a handful of outliers):
+    per bin the mean predicted probability, the observed frequency and the count."""
+    y, p = np.asarray(y, np.float64).ravel(), np.asarray(p, np.float64).ravel()
+    order = np.argsort(p, kind="stable")
+    groups = [g for g in np.array_split(order, min(bins, len(p))) if len(g)]
+    return {"predicted": [float(p[g].mean()) for g in groups], "observed": [float(y[g].mean()) for g in groups],
+            "count": [int(len(g)) for g in groups]}
+
+
+def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error over equal-mass bins: the count-weighted mean |observed - predicted|."""
+    r = reliability(y, p, bins)
+    n = sum(r["count"])
+    return float(sum(c * abs(o - q) for c, o, q in zip(r["count"], r["observed"], r["predicted"])) / max(n, 1))
+
+
+def assessed(auc_ci_low: float | None) -> tuple[bool, str | None]:
+    """A finding is assessed only where the model has shown it does better than chance: the lower end of its
+    validation AUC's 95% CI lies above 0.5. Otherwise (or with no evidence at all) it is not assessed."""
+    if auc_ci_low is None or not np.isfinite(auc_ci_low):
+        return False, "no validation evidence for this finding"
+    if auc_ci_low <= 0.5:
+        return False, f"validation AUC 95% CI reaches {auc_ci_low:.2f}, so it may be no better than chance"
+    return True, None
