@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 
 from cxr.errors import CxrError, ModelError
@@ -17,6 +18,10 @@ from cxr.tasks import get_task
 # The architecture registry lives with the networks (torch); cxr.nets installs its check here on import.
 # Without cxr.nets loaded nothing can be built from a meta anyway, and building checks the name again.
 _arch_check: Callable[[str], object] | None = None
+
+CONVENTIONS = ("cxr", "torchxrayvision", "torchvision")
+TTAS = ("none", "tencrop")
+HEADS = ("paper", "linear")
 
 
 def check_architectures_with(check: Callable[[str], object]) -> None:
@@ -41,6 +46,20 @@ class ModelMeta:
     gate: dict = dataclasses.field(default_factory=dict)
     provenance: dict = dataclasses.field(default_factory=dict)
     metrics: dict = dataclasses.field(default_factory=dict)
+    # Platt scaling per output, on the logit: output -> {"a": slope, "b": intercept}; absent = sigmoid(logit).
+    calibration: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # How the thresholds were chosen: {"policy": "spec:0.90", "fitted_on": "out-of-fold 5-fold CV", "n_films": N}.
+    operating_point: dict = dataclasses.field(default_factory=dict)
+    # Per reported finding, the evidence that the model can tell it: {"auc", "auc_ci", "n_positive",
+    # "n_negative", "source", optionally "brier_skill", "ece", "note"}. Absent: `evidence` falls back to metrics.
+    assessment: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # Input convention of an imported model (cxr.inference.preprocess): how a gray film becomes its input.
+    # convention: "cxr" (squash to input_size), "torchxrayvision" ([-1024, 1024], centre crop, its resize) or
+    # "torchvision" (8-bit PIL resize of the shorter side to `resize`, centre crop). tta: "none" or "tencrop".
+    convention: str = "cxr"
+    resize: int | None = None  # shorter side before cropping (None: input_size)
+    tta: str = "none"
+    head: str = "paper"  # "paper" (fastai's head) or "linear" (torchvision's classifier: average pool, Linear)
 
     def __post_init__(self) -> None:
         if _arch_check is not None:
@@ -64,6 +83,65 @@ class ModelMeta:
             raise ModelError(f"input_size must be an integer >= 32, got {self.input_size!r}")
         self._check_normalisation()
         self._check_thresholds()
+        self._check_honesty(task)
+        self._check_input(task)
+
+    def _check_input(self, task) -> None:
+        if self.convention not in CONVENTIONS or self.tta not in TTAS or self.head not in HEADS:
+            raise ModelError(f"unknown input convention {self.convention!r} / tta {self.tta!r} / head {self.head!r}; "
+                             f"known: {CONVENTIONS} / {TTAS} / {HEADS}")
+        if self.resize is not None and (not isinstance(self.resize, int) or self.resize < self.input_size):
+            raise ModelError(f"resize must be an integer >= input_size {self.input_size}, got {self.resize!r}")
+        if self.tta != "none" and (self.convention != "torchvision" or task.softmax):
+            raise ModelError(f"tta {self.tta!r} needs the torchvision convention and independent findings")
+
+    def _check_honesty(self, task) -> None:
+        """Calibration, operating point and assessment: plain JSON of known outputs (old checkpoints have none)."""
+        if self.calibration and task.softmax:
+            raise ModelError(f"task {task.name} has exclusive classes (softmax): per-output Platt calibration "
+                             "does not apply; remove 'calibration' from the metadata")
+        unknown = [k for k in self.calibration if k not in self.outputs]
+        if unknown:
+            raise ModelError(f"calibration for unknown outputs {unknown}; outputs are {self.outputs}")
+        try:
+            self.calibration = {k: {"a": float(v["a"]), "b": float(v["b"])} for k, v in self.calibration.items()}
+        except (TypeError, KeyError, ValueError):
+            raise ModelError(f"calibration must map outputs to {{'a': slope, 'b': intercept}}, "
+                             f"got {self.calibration!r}") from None
+        if not all(math.isfinite(v["a"]) and math.isfinite(v["b"]) for v in self.calibration.values()):
+            raise ModelError(f"calibration parameters must be finite numbers, got {self.calibration}")
+        if not isinstance(self.operating_point, dict) or not isinstance(self.assessment, dict):
+            raise ModelError("operating_point and assessment must be JSON objects")
+        extra = [k for k in self.assessment if k not in task.reported]
+        if extra or not all(isinstance(v, dict) for v in self.assessment.values()):
+            raise ModelError(f"assessment must map reported findings ({', '.join(task.reported)}) to objects; "
+                             f"unknown: {extra}")
+
+    @property
+    def platt(self) -> tuple[list[float], list[float]] | None:
+        """(slopes, intercepts) over all outputs, identity where an output is uncalibrated; None: none is."""
+        if not self.calibration:
+            return None
+        cal = [self.calibration.get(o, {"a": 1.0, "b": 0.0}) for o in self.outputs]
+        return [c["a"] for c in cal], [c["b"] for c in cal]
+
+    @property
+    def policy(self) -> str | None:
+        """The operating-point policy the thresholds were chosen by, or None when the model does not say."""
+        return self.operating_point.get("policy")
+
+    def evidence(self, finding: str) -> dict | None:
+        """What shows the model can tell `finding`: its own assessment entry, else (older checkpoints, the
+        bundled model) the per-finding validation metrics a training run stored; None when there is none."""
+        if finding in self.assessment:
+            return self.assessment[finding]
+        m = self.metrics or {}
+        entry = (m.get("per_finding") or {}).get(finding)
+        if not isinstance(entry, dict) or not ({"auc", "auc_ci"} & set(entry)):
+            return None
+        films = f", {m['n_images']} films" if m.get("n_images") else ""
+        return {"auc": entry.get("auc"), "auc_ci": entry.get("auc_ci"), "n_positive": entry.get("n_positive"),
+                "n_negative": entry.get("n_negative"), "source": f"{m.get('subset', 'validation')} split{films}"}
 
     def _check_normalisation(self) -> None:
         named = NORMALISATIONS.get(self.normalisation)

@@ -131,13 +131,19 @@ register_task(multilabel("multilabel-paper", FINDINGS, with_finding_only=True))
 register_task(one_vs_rest("pneumothorax", "Pneumothorax"))
 
 
-def probabilities(logits: np.ndarray, task_or_activation: Task | str) -> np.ndarray:
+def probabilities(logits: np.ndarray, task_or_activation, platt=None) -> np.ndarray:
     """float32 probabilities: independent sigmoids (never renormalised to sum to 1), or a softmax over
-    exclusive classes. Computed in float64, so fp32 inputs give the same numbers on every CPU."""
+    exclusive classes. Computed in float64, so fp32 inputs give the same numbers on every CPU.
+
+    The one place calibration is applied, for every backend: given a ModelMeta (anything with `.platt`),
+    or platt=(slopes, intercepts) per output column, each sigmoid output is sigmoid(a * logit + b)."""
     activation = getattr(task_or_activation, "activation", task_or_activation)
     if activation not in ACTIVATIONS:
         raise CxrError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     z = np.asarray(logits, dtype=np.float64)
+    platt = getattr(task_or_activation, "platt", None) if platt is None else platt
+    if platt is not None and activation == "sigmoid":
+        z = z * np.asarray(platt[0], np.float64) + np.asarray(platt[1], np.float64)
     if activation == "softmax":
         e = np.exp(z - z.max(axis=-1, keepdims=True))
         return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

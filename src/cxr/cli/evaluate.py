@@ -43,8 +43,20 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch backend); default: cpu, as `cxr predict` runs."),
     precision: Precision = typer.Option(Precision.fp32, "--precision", help="Inference arithmetic: fp32 (default) or bf16 (opt-in, torch backend; its measured max |dp| against fp32 is printed)."),
     progress: bool = opt.progress(),
+    update_model: Optional[Path] = typer.Option(
+        None, "--update-model", help="Write a copy of the model to this path whose assessment evidence and "
+        "thresholds (by --operating-point) come from this evaluation; its weights are copied unchanged."),
+    operating_point: Optional[str] = typer.Option(
+        None, "--operating-point", help="With --update-model: spec:X | sens:X | youden; default: the model's "
+        "own policy, else spec:0.90."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="With --update-model: refit Platt calibration too."),
+    stability: bool = typer.Option(
+        False, "--stability", help="Also score each film as a phone would capture it (JPEG 70, tilt, glare, "
+        "crop, exposure, light-box photo): mean and max |dp|, AUC and acceptance per variant, in report.json. "
+        "Seven reads a film."),
 ) -> None:
-    """Evaluate a model: AUC and AP per finding with 95% CIs, F1 variants, the paper's Figs 7, 9-12, 21."""
+    """Evaluate a model: AUC and AP per finding with 95% CIs, F1 variants, the paper's Figs 7, 9-12, 21;
+    calibration (Brier, Brier skill, ECE, reliability diagram) and flagged findings per film."""
     from rich.progress import Progress
 
     from cxr.evaluation.evaluate import evaluate as run
@@ -56,8 +68,20 @@ def evaluate(
             task=task, compare=None if compare is None else str(compare), lists=lists, batch_size=batch_size,
             workers=workers, n_boot=n_boot, device=device, precision=precision.value,
             progress=lambda done, total: bar.update(job, completed=done, total=total),
+            update_model=update_model, operating_point=operating_point, calibrate=calibrate,
         )
     show(summary)
+    if stability:
+        from cxr.evaluation import stability as capture_noise
+
+        with Progress(transient=True, disable=not progress) as bar:
+            job = bar.add_task("capture variants", total=None)
+            result = capture_noise.stability(
+                None if model is None else str(model), data, out, seed=seed or 0, batch_size=batch_size,
+                device=device, precision=precision.value,
+                progress=lambda done, total: bar.update(job, completed=done, total=total))
+        for line in capture_noise.lines(result):
+            typer.echo(line)
     typer.echo(f"wrote {out / 'report.html'}")
 
 
@@ -69,6 +93,16 @@ def show(summary: dict) -> None:
     typer.echo(f"{summary['n_images']} films, task {summary['task']}")
     for key in ("macro_auc", "micro_auc", "macro_ap", "micro_ap"):
         typer.echo(f"  {key.replace('_', ' ').upper():10} {fmt(summary[key], summary.get(key + '_ci'))}")
+    overall = (summary.get("calibration") or {}).get("overall")
+    if overall:
+        skill = "n/a" if overall["brier_skill"] is None else f"{overall['brier_skill']:+.3f}"
+        typer.echo(f"  BRIER      {overall['brier']:.4f} (skill vs the base rates {skill}), ECE {overall['ece']:.3f}")
+    flags = summary.get("flags")
+    if flags and flags["flagged_per_film"] is not None:
+        typer.echo(f"  FLAGS      {flags['flagged_per_film']:.2f} flagged findings per film "
+                   f"(true: {flags['true_per_film']:.2f}); not assessed: {', '.join(flags['not_assessed']) or 'none'}")
+    if summary.get("updated_model"):
+        typer.echo(f"wrote {summary['updated_model']['path']} (operating point {summary['updated_model']['policy']})")
     for note in summary.get("notes", []):
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     typer.secho("Not for clinical use.", bold=True)

@@ -136,3 +136,46 @@ def assessed(auc_ci_low: float | None) -> tuple[bool, str | None]:
     if auc_ci_low <= 0.5:
         return False, f"validation AUC 95% CI reaches {auc_ci_low:.2f}, so it may be no better than chance"
     return True, None
+
+
+def assess(evidence: dict | None) -> tuple[bool, str | None]:
+    """The not-assessed rule applied to one finding's evidence (ModelMeta.evidence): its AUC CI, or none."""
+    if not evidence:
+        return False, "no validation evidence for this finding (run cxr calibrate or cxr evaluate --update-model)"
+    ci = evidence.get("auc_ci")
+    ok, why = assessed(ci[0] if ci else None)
+    if not ok and evidence.get("note"):
+        why = str(evidence["note"])
+    elif not ci:
+        why = "its validation AUC has no 95% confidence interval (too few films to tell it from chance)"
+    if why and evidence.get("source"):
+        why = f"{why} ({evidence['source']})"
+    return ok, why
+
+
+def assessments(meta) -> dict[str, tuple[bool, str | None]]:
+    """Per reported finding of the model: (assessed, why not). The same rule for every model."""
+    from cxr.tasks import get_task
+
+    return {f: assess(meta.evidence(f)) for f in get_task(meta.task).reported}
+
+
+def figures(y: np.ndarray, p: np.ndarray, findings, bins: int = 10) -> dict:
+    """Calibration per finding (Brier, Brier skill against the base rate, equal-mass ECE, reliability bins)
+    and overall (every film x finding pooled), for report.json and the model card."""
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    per = {}
+    for j, f in enumerate(findings):
+        per[f] = {"brier": brier(y[:, j], p[:, j]), "brier_skill": _finite(brier_skill(y[:, j], p[:, j])),
+                  "ece": ece(y[:, j], p[:, j], bins), "base_rate": float(y[:, j].mean()),
+                  "reliability": reliability(y[:, j], p[:, j], bins)}
+    # Overall skill: the pooled Brier against each finding's own base rate (not one rate for all findings).
+    ref = float(np.mean((y.mean(axis=0) - y) ** 2)) if y.size else 0.0
+    overall = {"brier": brier(y, p), "brier_skill": _finite(1.0 - brier(y, p) / ref) if ref else None,
+               "ece": ece(y.ravel(), p.ravel(), bins), "reliability": reliability(y.ravel(), p.ravel(), bins),
+               "bins": bins, "binning": "equal-mass"}
+    return {"per_finding": per, "overall": overall}
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None

@@ -38,9 +38,18 @@ def scores(model, meta, films, names: Sequence[str], batch_size: int = 32, *, ba
     try:
         predictor = Predictor.from_model(model, meta, backend=backend, batch_size=batch_size, precision=precision,
                                          device=device, workers=workers)
-        return predictor.probabilities_of(_readers(films, names), strict=not skip_unreadable, progress=progress)
+        return predictor.probabilities_of(_readers(films, names), strict=not skip_unreadable, progress=progress,
+                                          find_film=not _is_cache(films))
     finally:
         model.train(was_training)
+
+
+def _is_cache(films) -> bool:
+    """A `cxr prepare` cache holds films already (squashed to a square: a photo's light box would be lost
+    there anyway), so the search for a light box is skipped; orientation still applies, as in predict."""
+    from cxr.data.cache import Cache
+
+    return isinstance(films, Cache)
 
 
 def _readers(films, names: Sequence[str]) -> list[Callable[[], np.ndarray]]:
@@ -50,8 +59,8 @@ def _readers(films, names: Sequence[str]) -> list[Callable[[], np.ndarray]]:
 
 def model_info(spec, meta) -> dict:
     """What report.json says about a model: where it came from and how it was made."""
-    from cxr import settings as config
-    path = Path(spec) if spec is not None else config.BUNDLED_MODEL
+    from cxr.nets import resolve_model
+    path = resolve_model(spec)
     cfg = meta.provenance.get("config", {}) if isinstance(meta.provenance, dict) else {}
     return {"name": path.stem, "path": str(path), "arch": meta.arch, "task": meta.task, "outputs": meta.outputs,
             "input_size": meta.input_size, "normalisation": meta.normalisation, "loss": cfg.get("loss"),
@@ -135,7 +144,9 @@ def _truth(df, targets, meta) -> tuple[np.ndarray, list[str], list[float], slice
 def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, subset: str = "val",
              seed: int | None = None, task: str | None = None, compare=None, lists=None, batch_size: int = 32,
              workers: int = 0, n_boot: int = 1000, boot_seed: int = 0, device: str = "cpu", backend: str = "auto",
-             precision: str = "fp32", progress: Callable[[int, int], None] | None = None) -> dict:
+             precision: str = "fp32", progress: Callable[[int, int], None] | None = None,
+             update_model=None, operating_point: str | None = None, calibrate: bool = False,
+             sparse: str = "not-assessed") -> dict:
     """Score the labelled films under `data` and write the report into `out_dir`; returns report.json's dict.
 
     model_spec: a checkpoint path, or None for the bundled model. split: None (every labelled film), a
@@ -144,8 +155,11 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
     second checkpoint scored on the same films (Fig. 21). Metrics use the model's stored thresholds.
     backend, precision, device: as for `Predictor` (fp32 by default; with bf16 its measured max |dp|
     against fp32 is in report.json's "inference" and in the notes).
+    update_model: write a copy of the model to this path whose assessment evidence, and thresholds by
+    `operating_point` (default: the model's policy, else spec:0.90), come from this evaluation; with
+    `calibrate` its Platt calibration too (sparse: what to do with findings too thin to fit, as in adapt).
     """
-    from cxr.evaluation import metrics
+    from cxr.evaluation import calibration, metrics
     from cxr.evaluation import report
     from cxr.inference.predictor import Predictor
 
@@ -183,6 +197,9 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
         curve = _thinned_pr_curve(y[:, j], p[:, j])
         if curve:
             summary["per_finding"][f]["pr_curve"] = curve
+    summary["calibration"] = calibration.figures(y, p, findings)
+    summary["flags"] = _flags(y, p, findings, thresholds, predictor.assessed)
+    summary["operating_point"] = dict(meta.operating_point) or None
     summary["inference"] = _inference_info(predictor)
     if predictor.measured is not None:
         notes.append(f"scored in {predictor.measured} (fp32 is the default; the numbers above are bf16's)")
@@ -200,8 +217,40 @@ def evaluate(model_spec, data, metadata, out_dir, split: str | None = None, *, s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_scores(out / "scores.csv", names, findings, y, p)
+    if update_model is not None:
+        z = np.concatenate([part["z"] for part in parts])
+        summary["updated_model"] = _update_model(predictor, y, z, findings, data, update_model, operating_point,
+                                                 calibrate, sparse, n_boot, boot_seed, notes=summary["notes"])
     made = report.write_report(out, y, p, summary, compare=p_b, labels=labels)
     return json.loads(made["json"].read_text())
+
+
+def _flags(y, p, findings, thresholds, assessed) -> dict:
+    """Flagged findings per film (above threshold and assessed: what a user is shown as positive) against
+    the true findings per film: a model that flags many more than there are cries wolf."""
+    ok = np.array([assessed.get(f, (False, None))[0] for f in findings], bool)
+    flagged = (p >= np.asarray(thresholds, np.float64)) & ok
+    return {"flagged_per_film": float(flagged.sum(axis=1).mean()) if len(y) else None,
+            "true_per_film": float(np.asarray(y).sum(axis=1).mean()) if len(y) else None,
+            "flagged_share": {f: float(flagged[:, j].mean()) for j, f in enumerate(findings)},
+            "not_assessed": {f: assessed[f][1] for f in findings if f in assessed and not assessed[f][0]}}
+
+
+def _update_model(predictor, y, z, findings, data, out, operating_point, calibrate, sparse, n_boot, seed,
+                  notes) -> dict:
+    """`--update-model`: the evaluated model, its post-network part refitted on these films, written to out."""
+    from cxr.evaluation import adapt
+    from cxr.evaluation.calibration import DEFAULT_POLICY
+
+    meta = predictor.meta
+    policy = operating_point or meta.policy or DEFAULT_POLICY
+    source = f"cxr evaluate on {data} ({len(y)} films)"
+    new, _, more = adapt.refit(meta, y, z, findings, source=source, policy=policy, calibrate=calibrate,
+                               sparse=sparse, n_boot=n_boot, seed=seed)
+    notes.extend(more)
+    path = adapt.write_copy(predictor.path, out, new)
+    return {"path": str(path), "policy": new.policy, "calibrated": bool(calibrate),
+            "thresholds": new.thresholds}
 
 
 def _thinned_pr_curve(y1: np.ndarray, p1: np.ndarray, points: int = 200) -> dict | None:
@@ -226,6 +275,7 @@ def _score_source(data, metadata, predictor, predictor_b, task, split, subset, s
                   progress=None) -> dict:
     """Labels and probabilities for the films of one --data source (skipped films are noted)."""
     from cxr.data.datasets import open_films
+    from cxr.tasks import probabilities
 
     films = open_films(data)
     meta = predictor.meta
@@ -239,17 +289,23 @@ def _score_source(data, metadata, predictor, predictor_b, task, split, subset, s
     tick = (lambda done: progress(done, len(names))) if progress else None
 
     def run(pred):
+        """(probabilities of the scored columns, raw logits of every output): calibrated by tasks.probabilities
+        as Predictor.probabilities_of does, the logits kept for --update-model."""
         if not names:
-            return np.empty((0, len(findings)), dtype=np.float32)
-        return pred.probabilities_of(_readers(films, names), progress=tick)[:, cols]
+            return np.empty((0, len(findings)), np.float32), np.empty((0, len(pred.meta.outputs)), np.float32)
+        z = pred.logits_of(_readers(films, names), progress=tick, find_film=not _is_cache(films))
+        out = np.full(z.shape, np.nan, np.float32)
+        good = np.isfinite(z).all(axis=1)
+        out[good] = probabilities(z[good], pred.meta)
+        return out[:, cols], z
 
-    p = run(predictor)
-    p_b = run(predictor_b) if predictor_b is not None else None
+    p, z = run(predictor)
+    p_b = run(predictor_b)[0] if predictor_b is not None else None
     ok = np.isfinite(p).all(axis=1) & (np.isfinite(p_b).all(axis=1) if p_b is not None else True)
     if not ok.all():
         bad = [n for n, g in zip(names, ok) if not g]
         notes.append(f"{len(bad)} films under {data} could not be read and were skipped: {', '.join(bad[:_LISTED])}")
-    return {"names": [n for n, g in zip(names, ok) if g], "y": y[ok], "p": p[ok],
+    return {"names": [n for n, g in zip(names, ok) if g], "y": y[ok], "p": p[ok], "z": z[ok],
             "p_b": p_b[ok] if p_b is not None else None, "findings": findings, "thresholds": thresholds,
             "task": task, "n_unreadable": int((~ok).sum()), "n_unknown": len(unknown), "n_found": len(films.names)}
 

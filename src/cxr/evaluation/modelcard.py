@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cxr.evaluation.calibration import assessments
 from cxr.findings import DISPLAY_NAMES
 from cxr.meta import ModelMeta
 
@@ -35,6 +36,9 @@ def summary(meta: ModelMeta) -> dict:
         "macro_auc": m.get("macro_auc"),
         "macro_auc_ci": m.get("macro_auc_ci"),
         "per_finding_auc": {f: e.get("auc") for f, e in m.get("per_finding", {}).items()},
+        "operating_point": meta.policy,
+        "calibrated": bool(meta.calibration),
+        "not_assessed": {f: why for f, (ok, why) in assessments(meta).items() if not ok},
         "intended_use": meta.provenance.get("intended_use", INTENDED_USE),
         "not_for_clinical_use": True,
     }
@@ -76,13 +80,14 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
         f"- Macro AUC {_num(m.get('macro_auc'))} (95% CI {_ci(m.get('macro_auc_ci'))}); micro AUC "
         f"{_num(m.get('micro_auc'))} (micro is inflated by how common each finding is: judge on macro).",
         "",
-        "| Finding | Positives | AUC | 95% CI | AP | Threshold (Youden) |",
+        f"| Finding | Positives | AUC | 95% CI | AP | Threshold ({meta.policy or 'Youden'}) |",
         "|---|---:|---:|---|---:|---:|",
     ]
     for f in meta.outputs:
         e = m.get("per_finding", {}).get(f, {})
         lines.append(f"| {DISPLAY_NAMES.get(f, f)} | {e.get('n_positive', '?')} | {_num(e.get('auc'), '.2f')} | "
                      f"{_ci(e.get('auc_ci'))} | {_num(e.get('ap'), '.2f')} | {meta.thresholds.get(f, 0.5):.3f} |")
+    lines += honesty(meta)
     lines += [
         "",
         "## Intended use",
@@ -102,6 +107,50 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
         "",
     ]
     return "\n".join(lines)
+
+
+POLICY_WORDS = {"spec": "specificity at least {:.2f} per finding", "sens": "sensitivity at least {:.2f} per finding",
+                "youden": "Youden's J per finding"}
+
+
+def _policy(meta: ModelMeta) -> str:
+    op = meta.operating_point or {}
+    if not op.get("policy"):
+        return ("not recorded: the thresholds are Youden's J on the validation split, which on a few hundred films "
+                "sits near the floor and flags many findings on most films")
+    kind, _, value = op["policy"].partition(":")
+    words = POLICY_WORDS.get(kind, "{}").format(float(value) if value else "")
+    where = f", fitted on {op['fitted_on']}" if op.get("fitted_on") else ""
+    return f"`{op['policy']}` ({words}){where}"
+
+
+def honesty(meta: ModelMeta) -> list[str]:
+    """The operating points, the calibration and the findings the model cannot assess, as card lines."""
+    lines = ["", "## Operating points and calibration",
+             f"- Operating-point policy: {_policy(meta)}.",
+             "- Probabilities: " + ("calibrated per finding (Platt scaling of the logit, fitted on held-out "
+                                    "predictions)." if meta.calibration else "not recalibrated (the network's own "
+                                    "sigmoid; they may be over- or under-confident).")]
+    verdicts = assessments(meta)
+    figs = {f: meta.evidence(f) or {} for f in verdicts}
+    if any(e.get("brier_skill") is not None or e.get("ece") is not None for e in figs.values()):
+        lines += ["", "| Finding | Brier skill (vs base rate) | ECE (equal-mass bins) | Evidence from |",
+                  "|---|---:|---:|---|"]
+        lines += [f"| {DISPLAY_NAMES.get(f, f)} | {_num(e.get('brier_skill'), '+.3f')} | {_num(e.get('ece'))} | "
+                  f"{e.get('source', '?')} |" for f, e in figs.items()]
+    else:
+        lines.append("- Calibration figures (Brier skill, ECE): not measured for this model; "
+                     "`cxr evaluate` reports them, `cxr evaluate --update-model` records them.")
+    absent = {f: why for f, (ok, why) in verdicts.items() if not ok}
+    lines += ["", "## Findings this model cannot assess",
+              "A finding whose validation AUC 95% CI reaches 0.5 (or that has no evidence) is never flagged; the API "
+              "returns its probability with `assessed: false` for research use only.", ""]
+    if absent:
+        lines += ["| Finding | Why |", "|---|---|"]
+        lines += [f"| {DISPLAY_NAMES.get(f, f)} | {why} |" for f, why in absent.items()]
+    else:
+        lines.append("- None: every finding's validation AUC interval lies above 0.5.")
+    return lines
 
 
 def write(meta: ModelMeta, path: Path, **kw) -> Path:

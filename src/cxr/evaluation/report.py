@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from cxr.evaluation import metrics
+from cxr.evaluation import metrics, reliability
 from cxr.findings import DISPLAY_NAMES, FINDINGS, canonical
 
 NOT_FOR_CLINICAL_USE = ("Not for clinical use. A research reproduction of Elkins, Freitas & Sanz (2020); its "
@@ -318,6 +318,7 @@ CAPTIONS = {
     "fig11_pr_micro": "Fig. 11: micro-averaged precision-recall",
     "fig12_pr": "Fig. 12: precision-recall per finding, with iso-F1 curves",
     "fig21_compare": "Fig. 21: the two models' PR and ROC curves on the same films",
+    "reliability": reliability.CAPTION,
 }
 _CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:1em;color:#222}"
         ".notice{background:#fde8e8;border:2px solid #b91c1c;padding:.7em;font-weight:bold}"
@@ -350,6 +351,7 @@ def render_html(summary: dict, figure_paths: dict[str, Path]) -> str:
 <h2>Averages</h2>{_table(["", "value (95% CI)"], averages)}
 <h2>Per finding (Tables 1 and 2)</h2>{_per_finding_html(s)}
 <h2>F1 scores</h2>{_f1_html(s)}
+{reliability.html_section(s, _table)}
 {_compare_html(s)}
 <h2>Figures</h2>{figs}
 <h2>Notes</h2><ul>{notes or "<li>none</li>"}</ul>
@@ -367,6 +369,8 @@ def write_report(out_dir, y, p, summary: dict, *, compare=None, labels=("model",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(out, y, p, summary["findings"], compare=compare, labels=labels)
+    if summary.get("calibration"):
+        figs["reliability"] = reliability.figure(out / "reliability.png", summary["calibration"])
     made = {**figs, **write_tables(out, summary)}
     summary = {**summary, "files": {k: v.name for k, v in made.items()}}
     made["json"] = write_json(out / "report.json", summary)
