@@ -24,7 +24,7 @@ def tiny_args(images: Path, metadata: Path, out: Path, *extra: str) -> list[str]
     return [
         "train", "--data", str(images), "--metadata", str(metadata), "--out", str(out),
         "--arch", "efficientnet_lite0", "--weights", "imagenet", "--size", "64", "--batch-size", "8",
-        "--max-films", "96", "--workers", "0", "--no-progress", "--seed", "3", *extra,
+        "--max-films", "96", "--workers", "0", "--no-progress", "--seed", "3", "--capture-aug", "0.3", *extra,
     ]
 
 

@@ -39,6 +39,9 @@ def train(
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="Memory layout; default: where it is faster (GPUs, CPUs with native bf16)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's training augmentations."),
+    capture_aug: float = typer.Option(0.0, "--capture-aug", min=0.0, max=1.0,
+                                      help="Phone-capture augmentations (JPEG, perspective, tilt, glare, tint, "
+                                           "exposure, blur, border/crop), each with this probability; 0: off."),
     freeze_bn: bool = typer.Option(False, "--freeze-bn", help="Keep BatchNorm statistics fixed (tiny per-device batches)."),
     dropout: float = typer.Option(0.5, help="Dropout before the last linear layer (half of it before the first)."),
     workers: Optional[int] = opt.workers(when_unset="cores - 1, as DataLoader workers"),
@@ -49,6 +52,11 @@ def train(
     max_films: Optional[int] = typer.Option(None, help="Use only the first N labelled films (smoke runs)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.ckpt."),
     progress: bool = opt.progress(),
+    cv: int = typer.Option(0, "--cv", min=0, help="K-fold patient-grouped cross-validation over every film "
+                           "(--split and the fractions are then unused): out-of-fold scores (oof.csv, cv.json), "
+                           "calibration and operating points fitted on them, then a refit on every film."),
+    operating_point: str = typer.Option("spec:0.90", help="With --cv: youden | spec:X | sens:X, per finding."),
+    refit: bool = typer.Option(True, "--refit/--no-refit", help="With --cv: train the shipped model on every film."),
 ) -> None:
     """Train a model (the paper's recipe by default) and write a cxr checkpoint with its thresholds."""
     from cxr.training.train import TrainConfig, fit
@@ -60,8 +68,19 @@ def train(
         head_epochs=head_epochs, head_lr=head_lr, loss=loss, precision=precision, channels_last=channels_last,
         augment=augment, freeze_bn=freeze_bn, dropout=(dropout / 2, dropout), workers=workers, accelerator=accelerator,
         devices=devices, num_nodes=num_nodes, strategy=strategy, max_films=max_films, resume=resume,
-        progress=progress, dataset=dataset,
+        progress=progress, dataset=dataset, capture_aug=capture_aug,
     )
+    if cv:
+        from cxr.training.cv import cross_validate
+
+        report = cross_validate(cfg, cv, policy=operating_point, refit=refit)
+        pooled = report["pooled"]
+        lo, hi = pooled["macro_auc_ci"] or (float("nan"), float("nan"))
+        typer.echo(f"out-of-fold macro AUC {pooled['macro_auc']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on "
+                   f"{report['n_films']} films; wrote {out / 'cv.json'} and {out / 'oof.csv'}")
+        if refit:
+            typer.echo(f"wrote {out / 'model.safetensors'}")
+        return
     final = fit(cfg)
     if final.exists():
         typer.echo(f"wrote {final}")

@@ -194,6 +194,33 @@ class RandLighting(_Random):
         return f"RandLighting(max_lighting={self.max_lighting:g}, p={self.p:g})"
 
 
+class RandCapture(_Random):
+    """Phone-capture noise (cxr.data.capture.CaptureAugment: JPEG, perspective, tilt, glare, tint, exposure,
+    blur, light-box border and crop), each step with probability `p`, on the gray film before resizing.
+
+    CaptureAugment draws from numpy; its generator is seeded from one draw of the torch stream, so the
+    training seed (per epoch and film, cxr.training.train.SeededFilms) fixes it as it fixes every other step.
+    """
+
+    def __init__(self, p: float = 0.3, generator: torch.Generator | None = None):
+        super().__init__(generator)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"capture augmentation probability must be in [0, 1], got {p}")
+        from cxr.data.capture import CaptureAugment
+
+        self.p = float(p)
+        self._augment = CaptureAugment(self.p)
+
+    def draw(self) -> dict:
+        return {"capture_seed": int(self._uniform(1)[0] * 2**53)}
+
+    def apply(self, gray: np.ndarray, p: dict) -> np.ndarray:
+        return self._augment(np.asarray(gray, dtype=np.float32), np.random.default_rng(p["capture_seed"]))
+
+    def __repr__(self) -> str:
+        return f"RandCapture(p={self.p:g})"
+
+
 def _normalize(mean: Sequence[float], std: Sequence[float]) -> v2.Normalize:
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -217,13 +244,18 @@ def train_transform(
     p_zoom: float = 0.5,
     max_lighting: float = 0.4,
     p_lighting: float = 1.0,
+    capture: float = 0.0,
 ) -> Compose:
     """The paper's training augmentations (defaults), then the same 3-channel normalisation as eval.
 
     Resizing comes first, antialiased, exactly as in evaluation: warping a 1024 px film straight to 224 px
     (as fastai did) would alias, and then training and evaluation inputs would differ in sharpness.
+    capture > 0: phone-capture noise (`RandCapture`, each step with that probability) before resizing,
+    at the film's own resolution, where a phone's JPEG and blur happen.
     """
+    first = (RandCapture(capture, generator=generator),) if capture > 0 else ()
     return Compose(
+        *first,
         Resize(size),
         ToTensor(),
         RandAffine(max_rotate, 1.0, max_zoom, p_zoom, generator=generator),

@@ -45,6 +45,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool | None = None  # None: where it is faster (see default_channels_last)
     augment: bool = True
+    capture_aug: float = 0.0  # phone-capture augmentations (cxr.data.capture), each step with this probability
     freeze_bn: bool = False  # BatchNorm statistics fixed: for tiny per-device batches (and exact DDP parity)
     dropout: tuple[float, float] = (0.25, 0.5)
     workers: int | None = None
@@ -55,6 +56,9 @@ class TrainConfig:
     max_films: int | None = None
     resume: bool = False
     progress: bool = True
+    # Explicit film names {"train": [...], "val": [...]} instead of `split` (a cross-validation fold, or a
+    # refit on every film with an empty "val": no validation, thresholds left to the caller).
+    parts: dict | None = None
     command: str = field(default_factory=lambda: " ".join(["cxr", *sys.argv[1:]]))
 
 
@@ -125,8 +129,11 @@ def resolve_workers(requested: int | None) -> int:
 
 
 def config_dict(cfg: TrainConfig) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "data" else v)
-            for k, v in asdict(cfg).items()}
+    out = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "data" else v)
+           for k, v in asdict(cfg).items()}
+    if cfg.parts is not None:  # the names are in split.json; the metadata keeps the counts
+        out["parts"] = {k: len(v) for k, v in cfg.parts.items()}
+    return out
 
 
 def steps_per_epoch(n_train: int, batch_size: int, world: int) -> int:
@@ -138,7 +145,7 @@ class Prepared:
     """Everything `fit` needs to know about the data, decided once and saved as split.json."""
 
     train: Dataset
-    val: Dataset
+    val: Dataset | None  # None: a refit on every film, nothing held out
     n_train: int
     class_names: list[str]
     task: Task
@@ -171,22 +178,28 @@ def prepare_data(cfg: TrainConfig, mean, std) -> Prepared:
 
     sources = [open_films(p) for p in cfg.data]
     present = set().union(*(set(s.names) for s in sources))
+    split_spec = cfg.parts if cfg.parts is not None else cfg.split
     train_part, val_part, info = labelled(
-        cfg.dataset, present, cfg.task, cfg.split, metadata=cfg.metadata, seed=cfg.seed, val=cfg.val_fraction,
+        cfg.dataset, present, cfg.task, split_spec, metadata=cfg.metadata, seed=cfg.seed, val=cfg.val_fraction,
         test=cfg.test_fraction, lists=cfg.lists, max_films=cfg.max_films)
     if len(info.all) < 4:
         raise DataError(f"only {len(info.all)} of the films under {', '.join(map(str, cfg.data))} are in "
                         f"{cfg.metadata} for task {cfg.task!r}; check --data and --metadata")
-    aug = train_transform(cfg.size, mean, std) if cfg.augment else eval_transform(cfg.size, mean, std)
+    aug = (train_transform(cfg.size, mean, std, capture=cfg.capture_aug) if cfg.augment
+           else eval_transform(cfg.size, mean, std))
     train = _subset(sources, train_part, aug)
     val = _subset(sources, val_part, eval_transform(cfg.size, mean, std))
-    if train is None or val is None:
+    refit = cfg.parts is not None and not cfg.parts.get("val")
+    if train is None or (val is None and not refit):
         raise DataError(f"the {cfg.split} split left no training or no validation films among {len(info.all)}; "
                         "give more films or a larger --val-fraction")
     task, split = info.task, info.split
     weights = class_weights(TaskData(task.name, None, train_part.targets, task.outputs))
+    if split is None:  # explicit parts: describe them as make_split would
+        split = _explicit_split(cfg, train_part, val_part)
     return Prepared(
-        train=SeededFilms(train, cfg.seed), val=SeededFilms(val, cfg.seed), n_train=len(train),
+        train=SeededFilms(train, cfg.seed), val=SeededFilms(val, cfg.seed) if val is not None else None,
+        n_train=len(train),
         class_names=list(task.outputs), task=task,
         class_weights=np.array([weights[c] for c in task.outputs]) if task.softmax else None,
         pos_weight=None if task.softmax else pos_weight(train_part.targets, task.outputs),
@@ -196,6 +209,14 @@ def prepare_data(cfg: TrainConfig, mean, std) -> Prepared:
     )
 
 
+def _explicit_split(cfg: TrainConfig, train_part, val_part):
+    from cxr.data.splits import Split
+
+    overlap = len(set(train_part.patients) & set(val_part.patients))
+    return Split("cv-fold" if len(val_part) else "all", cfg.seed, train_part.names, val_part.names, (),
+                 {"train-val": overlap, "train-test": 0, "val-test": 0})
+
+
 def _loader_factory(data: Prepared, cfg: TrainConfig):
     from torch.utils.data import DataLoader
 
@@ -203,6 +224,8 @@ def _loader_factory(data: Prepared, cfg: TrainConfig):
 
     def make(stage: str, rank: int, world: int) -> DataLoader:
         ds = data.train if stage == "train" else data.val
+        if ds is None:  # a refit: nothing to validate on
+            return []
         sampler = EpochSampler(len(ds), cfg.seed, shuffle=stage == "train", rank=rank, world=world)
         return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
@@ -211,7 +234,7 @@ def _loader_factory(data: Prepared, cfg: TrainConfig):
     return make
 
 
-def _trainer(cfg: TrainConfig):
+def _trainer(cfg: TrainConfig, validate: bool = True):
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
@@ -225,6 +248,7 @@ def _trainer(cfg: TrainConfig):
         devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision,
         deterministic="warn", benchmark=False, use_distributed_sampler=False, logger=False,
         enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        limit_val_batches=None if validate else 0,
         # SyncBatchNorm needs GPUs; on CPU each process normalises over its own share of the batch.
         sync_batchnorm=n_dev * cfg.num_nodes > 1 and cfg.accelerator != "cpu" and torch.cuda.is_available(),
         enable_progress_bar=cfg.progress,
@@ -265,7 +289,7 @@ def fit(cfg: TrainConfig) -> Path:
                       loaders=_loader_factory(data, cfg), freeze_bn=cfg.freeze_bn,
                       channels_last=default_channels_last(cfg.accelerator) if cfg.channels_last is None
                       else cfg.channels_last)
-    trainer = _trainer(cfg)
+    trainer = _trainer(cfg, validate=data.val is not None)
     trainer.fit(learner, ckpt_path=last if cfg.resume else None)
     final = cfg.out / "model.safetensors"
     if trainer.is_global_zero:

@@ -1,0 +1,183 @@
+"""From out-of-fold scores to an honest model: calibration, operating points, assessment evidence.
+
+Fitted on every out-of-fold film (cxr.evaluation.calibration: Platt per finding, thresholds by a stated
+policy, the not-assessed rule on the AUC's 95% CI). The figures that judge them (Brier skill, ECE, flags
+per film) are cross-fitted: each fold's films are calibrated and thresholded by what the other folds'
+films fitted, so they are not flattered by fitting and scoring on the same films.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cxr.evaluation import calibration as C
+from cxr.evaluation import metrics
+
+
+def _platt(z: np.ndarray, y: np.ndarray, name: str) -> tuple[float, float, str | None]:
+    """(a, b, note). Where a slope cannot be fitted (too few films of a class) or comes out negative (the
+    model ranks the finding backwards out of fold), the model says the finding's base rate, flat: what
+    it knows, rather than an uncalibrated number. Such a finding is not assessed (its AUC CI says so)."""
+    try:
+        a, b = C.fit_platt(z, y, name)
+        if a > 0:
+            return a, b, None
+        note = "out-of-fold scores rank it no better than chance; the model gives its base rate"
+    except C.CalibrationError as e:
+        note = f"{e} The model gives its base rate."
+    rate = (float(np.sum(y)) + 0.5) / (len(y) + 1.0)  # smoothed: a finding never seen is rare, not impossible
+    return 0.0, float(np.log(rate / (1 - rate))), note
+
+
+def _calibrated(z, p, fit) -> np.ndarray:
+    return p.astype(np.float32) if fit is None else C.apply_platt(z, fit[0], fit[1])
+
+
+def _threshold(y, p, policy, name) -> tuple[float, str | None]:
+    try:
+        return C.threshold(y, p, policy, name), None
+    except C.CalibrationError as e:
+        return 1.0, str(e)  # no operating point can be chosen: never flagged
+
+
+def fit_from_oof(oof: dict, findings: Sequence[str], policy: str, *, folds: int, n_boot: int = 1000,
+                 softmax: bool = False) -> dict:
+    """Calibration (not for softmax tasks), thresholds and the cross-fitted figures, per finding."""
+    y, z, p = oof["y"], oof["logit"], oof["p"]
+    policy = str(C.Policy.parse(policy))
+    fits, thresholds, notes = {}, {}, {}
+    p_cal = np.empty_like(p)
+    for j, f in enumerate(findings):
+        fits[f] = None if softmax else _platt(z[:, j], y[:, j], f)
+        p_cal[:, j] = _calibrated(z[:, j], p[:, j], fits[f])
+        thresholds[f], note = _threshold(y[:, j], p_cal[:, j], policy, f)
+        note = (fits[f] and fits[f][2]) or note
+        if note:
+            notes[f] = note
+    crossed, flags = _cross_fitted(oof, findings, policy, folds, softmax)
+    return {"policy": policy, "calibration": {f: {"a": v[0], "b": v[1]} for f, v in fits.items() if v},
+            "thresholds": thresholds, "notes": notes, "p_calibrated": p_cal, "p_cross": crossed,
+            "flags_cross": flags, "y_all": y, "raw": metrics.summarize(y, p, list(findings), n_boot=n_boot)}
+
+
+def _cross_fitted(oof: dict, findings, policy: str, folds: int, softmax: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities and flags of each fold's films from fits on the other folds' films."""
+    y, z, p, fold = oof["y"], oof["logit"], oof["p"], oof["fold"]
+    crossed, flags = np.empty_like(p), np.zeros(y.shape, dtype=bool)
+    for k in range(folds):
+        mine, rest = fold == k, fold != k
+        for j, f in enumerate(findings):
+            fit = None if softmax else _platt(z[rest, j], y[rest, j], f)
+            t, _ = _threshold(y[rest, j], _calibrated(z[rest, j], p[rest, j], fit), policy, f)
+            crossed[mine, j] = _calibrated(z[mine, j], p[mine, j], fit)
+            flags[mine, j] = crossed[mine, j] >= t
+    return crossed, flags
+
+
+def calibration_figures(y: np.ndarray, p: np.ndarray, findings: Sequence[str]) -> dict:
+    """Brier, Brier skill against each finding's base rate, equal-mass ECE: per finding and overall."""
+    per = {f: {"brier": C.brier(y[:, j], p[:, j]), "brier_skill": C.brier_skill(y[:, j], p[:, j]),
+               "ece": C.ece(y[:, j], p[:, j])} for j, f in enumerate(findings)}
+    ref = float(np.mean((y.mean(axis=0, keepdims=True) - y) ** 2))
+    brier = C.brier(y, p)
+    return {"per_finding": per, "brier": brier, "brier_skill": 1 - brier / ref if ref else None,
+            "ece": C.ece(y.ravel(), p.ravel())}
+
+
+def _source(folds: int, n: int) -> str:
+    return f"out-of-fold predictions, {folds}-fold patient-grouped cross-validation, {n} films"
+
+
+def assessment(fitted: dict, findings: Sequence[str], y: np.ndarray, folds: int) -> dict:
+    """Per finding, the evidence the not-assessed rule reads (HONEST's ModelMeta.assessment)."""
+    raw, cal = fitted["raw"]["per_finding"], calibration_figures(y, fitted["p_cross"], findings)["per_finding"]
+    out = {}
+    for j, f in enumerate(findings):
+        e = {"auc": raw[f]["auc"], "auc_ci": raw[f].get("auc_ci"), "n_positive": int(y[:, j].sum()),
+             "n_negative": int(len(y) - y[:, j].sum()), "source": _source(folds, len(y)),
+             "brier_skill": _finite(cal[f]["brier_skill"]), "ece": _finite(cal[f]["ece"])}
+        if f in fitted["notes"]:
+            e["note"] = fitted["notes"][f]
+        out[f] = e
+    return out
+
+
+def _finite(v) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def _brief(summary: dict) -> dict:
+    keep = ("n_images", "macro_auc", "macro_auc_ci", "micro_auc", "micro_auc_ci", "macro_ap", "macro_ap_ci")
+    return {k: summary.get(k) for k in keep}
+
+
+def cv_report(oof: dict, findings: Sequence[str], fitted: dict, *, folds: int, n_boot: int = 1000) -> dict:
+    """cv.json: per-fold and pooled out-of-fold macro AUC with 95% CIs, per finding AUC, calibration figures."""
+    y, p, fold = oof["y"], oof["p"], oof["fold"]
+    per_fold = []
+    for k in range(folds):
+        m = fold == k
+        s = metrics.summarize(y[m], p[m], list(findings), n_boot=n_boot)
+        per_fold.append({"fold": k + 1, "n_patients": len(set(map(str, oof["patient"][m]))), **_brief(s)})
+    raw = fitted["raw"]
+    per_finding = {f: {k: raw["per_finding"][f].get(k) for k in ("n_positive", "auc", "auc_ci", "ap")}
+                   for f in findings}
+    for f in findings:
+        assessed, reason = C.assessed((per_finding[f]["auc_ci"] or [None])[0])
+        per_finding[f].update(threshold=fitted["thresholds"][f], assessed=assessed, reason=reason,
+                              calibration=fitted["calibration"].get(f))
+    flags = fitted["flags_cross"]
+    return {
+        "folds": folds, "n_films": len(y), "n_patients": len(set(map(str, oof["patient"]))),
+        "pooled": _brief(raw), "per_fold": per_fold, "per_finding": per_finding,
+        "operating_point": {"policy": fitted["policy"], "notes": fitted["notes"]},
+        "calibration": {
+            "method": "Platt per finding on out-of-fold logits",
+            "uncalibrated": calibration_figures(y, p, findings),
+            "cross_fitted": calibration_figures(y, fitted["p_cross"], findings),
+        },
+        "flags_per_film": {"cross_fitted": float(flags.sum(axis=1).mean()), "true": float(y.sum(axis=1).mean())},
+    }
+
+
+_RANKING = ("macro_auc", "macro_auc_ci", "macro_auc_interpolated", "micro_auc", "micro_auc_ci", "macro_ap",
+            "macro_ap_ci", "micro_ap", "micro_ap_ci")
+
+
+def _rank_from_raw(summary: dict, raw: dict) -> None:
+    """AUC and AP from the raw out-of-fold scores. Platt with a positive slope keeps every ranking, so they
+    differ only where the model gives a flat base rate, which would hide the evidence that it ranks the
+    finding no better than chance; flags and F1 stay those of the calibrated scores at the thresholds."""
+    summary.update({k: raw.get(k) for k in _RANKING})
+    for f, e in summary["per_finding"].items():
+        e.update({k: raw["per_finding"][f].get(k) for k in ("auc", "auc_ci", "ap", "ap_ci", "ap_weighted")})
+    summary["notes"] = [*summary.get("notes", []), "AUC and AP: raw out-of-fold scores; flags, F1 and "
+                        "thresholds: calibrated out-of-fold scores (calibration fitted on these films)"]
+
+
+def ship(refit: Path, out: Path, fitted: dict, report: dict, *, folds: int) -> Path:
+    """The refit model with the out-of-fold calibration, thresholds, assessment and metrics in its metadata."""
+    from cxr import nets as M
+
+    net, meta = M.load(refit)
+    findings = list(report["per_finding"])
+    summary = metrics.summarize(fitted["y_all"], fitted["p_calibrated"], findings,
+                                [fitted["thresholds"][f] for f in findings],
+                                n_boot=fitted["raw"]["bootstrap"]["n_boot"])
+    _rank_from_raw(summary, fitted["raw"])
+    summary.update(subset="out-of-fold", calibration={k: report["calibration"]["cross_fitted"][k]
+                                                       for k in ("brier", "brier_skill", "ece")},
+                   flags_per_film=report["flags_per_film"])
+    provenance = dict(meta.provenance, shipped="refit on all films (the fold ensemble is not built)",
+                      cv={k: report[k] for k in ("folds", "n_films", "n_patients", "pooled")}
+                      | {"per_fold_macro_auc": [f["macro_auc"] for f in report["per_fold"]]})
+    meta = dataclasses.replace(
+        meta, thresholds=dict(meta.thresholds, **fitted["thresholds"]), calibration=fitted["calibration"],
+        operating_point={"policy": fitted["policy"], "fitted_on": _source(folds, len(fitted["y_all"])),
+                         "n_films": len(fitted["y_all"])},
+        assessment=assessment(fitted, findings, fitted["y_all"], folds), metrics=summary, provenance=provenance)
+    return M.save(out, net, meta, extra=M.load_extra(refit))

@@ -1,0 +1,126 @@
+"""Patient-grouped cross-validation at tiny size: folds, out-of-fold scores, calibration into the metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.training.cv import patient_folds, read_oof
+
+
+def test_folds_are_patient_disjoint_balanced_and_a_function_of_the_seed(metadata_csv):
+    from cxr.data import nih
+
+    df = nih.read_metadata(metadata_csv).head(3000)
+    patients = df["patient"].to_numpy()
+    fold = patient_folds(patients, 5, seed=0)
+    assert set(fold) == set(range(5))
+    for p in set(patients):  # every patient's films in one fold
+        assert len(set(fold[patients == p])) == 1
+    sizes = np.bincount(fold)
+    assert sizes.max() - sizes.min() <= np.bincount(np.unique(patients, return_inverse=True)[1]).max()
+    assert (patient_folds(patients, 5, seed=0) == fold).all()
+    shuffled = np.random.default_rng(1).permutation(len(patients))  # film order does not matter
+    assert (patient_folds(patients[shuffled], 5, seed=0) == fold[shuffled]).all()
+    assert (patient_folds(patients, 5, seed=1) != fold).any()
+
+
+def test_too_few_patients_for_the_folds_is_a_clear_error():
+    from cxr.errors import DataError
+
+    with pytest.raises(DataError, match="patients cannot fill"):
+        patient_folds(["a", "a", "b"], 3, seed=0)
+
+
+def test_capture_augmentation_is_seeded_by_the_torch_stream(first_film_512):
+    from cxr.data.transforms import train_transform
+    from cxr.images import read_image
+
+    gray = read_image(first_film_512)
+    plain = train_transform(64, (0.5,) * 3, (0.25,) * 3)
+    captured = train_transform(64, (0.5,) * 3, (0.25,) * 3, capture=1.0)
+
+    def run(t, seed):
+        torch.manual_seed(seed)
+        return t(gray)
+
+    assert torch.equal(run(captured, 7), run(captured, 7))  # a resumed run redraws the same photo
+    assert not torch.equal(run(captured, 7), run(captured, 8))
+    assert not torch.equal(run(captured, 7), run(plain, 7))
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory, images_64, metadata_csv) -> tuple[Path, dict]:
+    from cxr.training.cv import cross_validate
+    from cxr.training.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("cv")
+    cfg = TrainConfig(data=[images_64], metadata=metadata_csv, out=out, arch="efficientnet_lite0", weights=None,
+                      size=64, batch_size=8, epochs=1, max_films=40, workers=0, progress=False, seed=5,
+                      precision="32-true", capture_aug=0.3)
+    return out, cross_validate(cfg, 2, policy="spec:0.80", n_boot=50)
+
+
+def test_every_film_is_scored_once_by_the_fold_that_never_saw_its_patient(cv_run):
+    out, report = cv_run
+    oof = read_oof(out / "oof.csv")
+    folds = json.loads((out / "folds.json").read_text())
+    assert len(oof["image"]) == len(set(oof["image"])) == len(folds["fold"]) == report["n_films"] == 40
+    assert [folds["fold"][n] for n in oof["image"]] == list(oof["fold"])
+    assert report["patients_in_two_folds"] == 0
+    for f in range(2):
+        split = json.loads((out / f"fold-{f + 1}" / "split.json").read_text())
+        mine = {n for n, k in zip(oof["image"], oof["fold"]) if k == f}
+        assert set(split["val"]) == mine and not mine & set(split["train"])
+        train_patients = {folds["patients"][n] for n in split["train"]}
+        assert not train_patients & {folds["patients"][n] for n in mine}
+
+
+def test_oof_scores_are_the_fold_models_scores_through_the_predictor(cv_run, images_64):
+    from cxr.data.datasets import open_films
+    from cxr.inference.predictor import Predictor
+    from cxr.nets import load
+
+    out, _ = cv_run
+    oof = read_oof(out / "oof.csv")
+    films = open_films(images_64)
+    for f in range(2):
+        net, meta = load(out / f"fold-{f + 1}" / "model.safetensors")
+        rows = np.flatnonzero(oof["fold"] == f)
+        p = Predictor.from_model(net, meta, backend="torch").probabilities_of(
+            [films.read(oof["image"][i]) for i in rows])
+        np.testing.assert_allclose(oof["p"][rows], p, atol=2e-6)
+        np.testing.assert_allclose(1 / (1 + np.exp(-oof["logit"][rows])), p, atol=2e-6)
+
+
+def test_cv_json_has_pooled_and_per_fold_auc_with_cis(cv_run):
+    _, report = cv_run
+    assert len(report["per_fold"]) == 2 and sum(f["n_images"] for f in report["per_fold"]) == 40
+    lo, hi = report["pooled"]["macro_auc_ci"]
+    assert lo <= report["pooled"]["macro_auc"] <= hi
+    assert len(report["per_finding"]) == 14
+    assert report["operating_point"]["policy"] == "spec:0.80"
+
+
+def test_calibration_thresholds_and_evidence_land_in_the_shipped_model(cv_run):
+    from cxr.nets import load
+
+    out, report = cv_run
+    _, meta = load(out / "model.safetensors")
+    assert meta.operating_point["policy"] == "spec:0.80"
+    assert meta.thresholds == {f: e["threshold"] for f, e in report["per_finding"].items()}
+    assert set(meta.calibration) == set(meta.outputs)  # a base rate where nothing could be fitted
+    assert all(c["a"] >= 0 for c in meta.calibration.values())
+    assert set(meta.assessment) == set(meta.outputs)
+    for f, e in meta.assessment.items():
+        assert e["auc_ci"] == report["per_finding"][f]["auc_ci"] and "out-of-fold" in e["source"]
+    assert meta.metrics["subset"] == "out-of-fold"
+    assert meta.metrics["macro_auc"] == report["pooled"]["macro_auc"]  # the card's figures are the OOF ones
+    assert all(meta.metrics["per_finding"][f]["auc"] == e["auc"] for f, e in report["per_finding"].items())
+    assert meta.provenance["shipped"].startswith("refit")
+    assert meta.provenance["config"]["parts"] == {"train": 40, "val": 0}
+    assert meta.provenance["config"]["capture_aug"] == 0.3
