@@ -163,3 +163,90 @@ def test_variants_name_every_perturbation_the_targets_name(images_512):
     v = aug.variants(gray, np.random.default_rng(0))
     assert set(v) == {"jpeg", "tilt", "glare", "crop", "exposure", "light_box"}
     assert all(x.ndim == 2 and x.dtype == np.float32 for x in v.values())
+
+
+# --- through the Predictor: the one inference path --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def predictor():
+    from cxr.inference.predictor import Predictor
+
+    return Predictor(backend="torch")
+
+
+def _direct(predictor, gray: np.ndarray) -> np.ndarray:
+    """The bundled model on a film preprocessed as it was before the capture stage existed."""
+    from cxr.inference import pipeline
+    from cxr.tasks import probabilities
+
+    logits, _ = predictor._run(pipeline.preprocess(gray, predictor.meta)[None])
+    return probabilities(logits, predictor.meta)[0]
+
+
+def test_films_pass_through_the_predictor_unchanged(predictor, images_512, images_1024, images_64):
+    """Files that are films already: nothing cropped or turned, and the same numbers bit for bit."""
+    paths = _films(images_512)[::40] + _films(images_1024)[:3] + _films(images_64)[::100]
+    for path in paths:
+        pred = predictor.predict_one(path)
+        if pred.capture.refused:  # unsure orientation (0.8% of upright films): refused, never altered
+            continue
+        assert pred.capture.crop is None and not pred.capture.changed and pred.capture.message == "", path.name
+        got = predictor.probabilities_of([images.read_image(path)])[0]
+        assert np.array_equal(got, _direct(predictor, images.read_image(path))), path.name
+
+
+def test_turned_films_are_corrected_or_refused_never_read_as_they_are(predictor, images_512):
+    """Every turn and inversion of held-out films: corrected (then |dp| <= 0.05 against the upright film,
+    and the message says what was done) or refused with the reason."""
+    paths = [p for p in _films(images_512) if _held_out(p)][:12]
+    for path in paths:
+        film = images.read_film(path)
+        upright = predictor.predict_film(film)
+        for k, inverted, x in list(_turned(film.gray))[1:]:
+            pred = predictor.predict_film(images.Film(x, (x.shape[1], x.shape[0]), None, path.name))
+            c = pred.capture
+            if c.refused:
+                assert pred.refused == c.message and "which way up" in c.message
+                continue
+            assert (c.k_rot90, c.inverted) == (k, inverted), (path.name, k, inverted, c)
+            assert c.message.endswith("before reading") and c.message.startswith("this film was")
+            if pred.probabilities and upright.probabilities:
+                dp = max(abs(pred.probabilities[f] - upright.probabilities[f]) for f in upright.probabilities)
+                assert dp <= 0.05, (path.name, k, inverted, dp)
+    c = predictor.predict_film(images.Film(np.ascontiguousarray(np.rot90(film.gray, 2)), film.size, None, "x")).capture
+    assert c.message == "this film was upside down; it was turned before reading" or c.refused
+
+
+def test_photo_is_cropped_in_the_predictor_and_the_crop_is_reported(predictor, images_512):
+    gray = images.read_image(_films(images_512)[9])
+    photo, truth = aug.light_box_photo(gray, np.random.default_rng(11))
+    pred = predictor.predict_one(aug.photo_bytes(photo))
+    c = pred.capture
+    assert c.crop_source == "found" and quad_iou(Quad(c.crop), truth) >= 0.9
+    assert "cropped" in c.message and c.to_dict()["crop"] == [list(p) for p in c.crop]
+
+
+def test_a_given_crop_is_used_and_checked(predictor, images_512):
+    from cxr.inference import pipeline
+
+    film = images.read_film(_films(images_512)[9])
+    quad = pipeline.crop_quad([30, 20, 490, 25, 480, 500, 25, 495], *film.size)
+    pred = predictor.predict_film(film, crop=quad, keep_read=True)
+    assert pred.capture.crop_source == "given" and pred.read.shape[0] <= 2 * predictor.meta.input_size
+    whole = predictor.predict_film(film, crop="full")
+    assert whole.capture.crop is None and whole.probabilities == predictor.predict_film(film).probabilities
+    for bad in ([1, 2, 3], [0, 0, 9e9, 0, 9e9, 9e9, 0, 9e9], [0, 0, 10, 0, 10, 10, 0, 10],
+                [0, 0, 512, 0, float("nan"), 512, 0, 512]):
+        with pytest.raises(pipeline.CropError, match="crop"):
+            pipeline.crop_quad(bad, *film.size)
+
+
+def test_probabilities_of_scores_what_predict_reads(predictor, images_512):
+    """`cxr evaluate` goes through probabilities_of: a confidently turned film is turned back there too."""
+    path = [p for p in _films(images_512) if _held_out(p)][1]
+    gray = images.read_image(path)
+    turned = np.ascontiguousarray(1.0 - np.rot90(gray, 3))
+    a, b = predictor.probabilities_of([gray, turned])
+    pred = predictor.predict_film(images.Film(turned, turned.shape[::-1], None, "t"))
+    if not pred.capture.refused:
+        assert np.allclose(a, b, atol=1e-6)

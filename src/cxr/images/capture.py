@@ -121,7 +121,7 @@ def homography(src, dst) -> np.ndarray:
 def warp(gray: np.ndarray, out_to_in: np.ndarray, size: tuple[int, int], fill: float = 0.0) -> np.ndarray:
     """Resample `gray` into a (width, height) canvas; `out_to_in` maps output coordinates to input ones."""
     h = out_to_in / out_to_in[2, 2]
-    out = _pil(gray).transform(size, Image.Transform.PERSPECTIVE, tuple(h.ravel()[:8]), Image.Resampling.BILINEAR,
+    out = to_pil(gray).transform(size, Image.Transform.PERSPECTIVE, tuple(h.ravel()[:8]), Image.Resampling.BILINEAR,
                        fillcolor=float(fill))
     return np.asarray(out, dtype=np.float32)
 
@@ -134,7 +134,7 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
 
 
-def _pil(gray: np.ndarray) -> Image.Image:
+def to_pil(gray: np.ndarray) -> Image.Image:
     """A Pillow 'F' image sharing the array's memory (fromarray copies: milliseconds on a 1024-px film)."""
     a = np.ascontiguousarray(gray, dtype=np.float32)
     return Image.frombuffer("F", (a.shape[1], a.shape[0]), a, "raw", "F", 0, 1)
@@ -145,7 +145,7 @@ def _small(gray: np.ndarray) -> tuple[np.ndarray, float]:
     s = min(1.0, _WORK_SIDE / max(h, w))
     if s >= 1.0:
         return np.asarray(gray, dtype=np.float32), 1.0
-    im = _pil(gray)
+    im = to_pil(gray)
     if int(1 / s) >= 2:
         im = im.reduce(int(1 / s))  # integer box shrink first: several times faster than resize alone
     size = (max(1, round(w * s)), max(1, round(h * s)))
@@ -181,7 +181,10 @@ def _light_box(s: np.ndarray) -> np.ndarray | None:
     ring = best
     for _ in range(6):  # peel off a bright, smooth part of the film that touched the border, 4 px a round:
         near = ndimage.maximum_filter(np.where(ring, s, 0.0), size=9)  # the box next to it outshines it
-        ring = ring & (s > 0.9 * near)
+        peeled = ring & (s > 0.9 * near)
+        if peeled.sum() == ring.sum():
+            break  # nothing peeled: later rounds would peel nothing either
+        ring = peeled
     lab, _ = ndimage.label(ring, structure=np.ones((3, 3)))  # what was peeled off is film, not box
     ring = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
     # smoothness stops short of the film's edge: the border reaches to the middle of the blurred step
@@ -194,23 +197,26 @@ def _box_level(s: np.ndarray, ring: np.ndarray) -> np.ndarray:
     """The light box's brightness everywhere: a quadratic surface (tilt and fall-off) fitted to the
     border, refitted without what lies well below it (bright film that touched the border)."""
     h, w = s.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    yy, xx = yy / h - 0.5, xx / w - 0.5
-    basis = [np.ones_like(xx), xx, yy, xx * xx, xx * yy, yy * yy]
-    keep = ring
+    ys, xs = np.nonzero(ring)
+    ys, xs = ys[::2], xs[::2]  # a smooth surface: every other border pixel fits it as well
+    y, x, v = ys / h - 0.5, xs / w - 0.5, s[ys, xs].astype(np.float64)
+    a = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+    keep = np.ones(len(v), dtype=bool)
     for _ in range(2):
-        a = np.stack([b[keep] for b in basis], axis=1).astype(np.float64)
-        coef = np.linalg.solve(a.T @ a + 1e-9 * np.eye(6), a.T @ s[keep])
-        level = sum(c * b for c, b in zip(coef, basis, strict=True))
-        keep = ring & (s > 0.9 * level)
-    return level
+        coef = np.linalg.solve(a[keep].T @ a[keep] + 1e-9 * np.eye(6), a[keep].T @ v[keep])
+        keep = v > 0.9 * (a @ coef)
+    gy = (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]  # evaluated separably on the grid
+    gx = (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
+    c = coef.astype(np.float32)
+    return c[0] + c[1] * gx + c[2] * gy + c[3] * gx * gx + c[4] * gx * gy + c[5] * gy * gy
 
 
 def _holes(mask: np.ndarray) -> np.ndarray:
     """What `mask` encloses: the parts of its complement that do not reach the image's edge."""
-    lab, _ = ndimage.label(~mask)
-    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    return ~mask & ~np.isin(lab, edge)
+    lab, n = ndimage.label(~mask)
+    inner = np.ones(n + 1, dtype=bool)  # a lookup table: np.isin sorts, this indexes
+    inner[[0, *np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])]] = False
+    return inner[lab]
 
 
 def _film_region(ring: np.ndarray) -> np.ndarray | None:
@@ -231,12 +237,15 @@ def _hull(points: np.ndarray) -> np.ndarray:
 
 def _four_corners(hull: np.ndarray) -> np.ndarray:
     """Drop the hull vertex whose removal loses least area until four are left."""
-    p = hull
+    p = [tuple(v) for v in hull.tolist()]  # tens of vertices: plain floats beat numpy's per-call cost
+
+    def lost(i: int) -> float:
+        (ax, ay), (bx, by), (cx, cy) = p[i - 1], p[i], p[(i + 1) % len(p)]
+        return abs((bx - ax) * (cy - ay) - (by - ay) * (cx - ax))
+
     while len(p) > 4:
-        prev, nxt = np.roll(p, 1, axis=0), np.roll(p, -1, axis=0)
-        d1, d2 = p - prev, nxt - prev
-        p = np.delete(p, int(np.argmin(np.abs(d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]))), axis=0)
-    return p
+        del p[min(range(len(p)), key=lost)]
+    return np.array(p)
 
 
 def _refine(corners: np.ndarray, edge: np.ndarray) -> np.ndarray:
@@ -292,17 +301,23 @@ def _quad_of(region: np.ndarray) -> Quad | None:
     return quad
 
 
-def find_film(gray: np.ndarray) -> Quad | None:
+def working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """The finder's copy (at most _WORK_SIDE px a side) and its scale (original px per copy px). The
+    decode stage makes it once and hands it to `find_film` and, for a film, to `orientation`."""
+    return _small(to_gray(gray))
+
+
+def find_film(gray: np.ndarray, *, work: tuple[np.ndarray, float] | None = None) -> Quad | None:
     """Where the film lies in a photo of it on a light box, in `gray`'s pixel coordinates, or None.
 
     None means "this already is a film, or no light box was found": use the image as it is. Colour
-    photos (H x W x 3) are read through `to_gray`, as `read_image` would.
+    photos (H x W x 3) are read through `to_gray`, as `read_image` would. `work`: `working_copy(gray)`,
+    when the caller already has it.
     """
-    g = to_gray(gray)
-    h, w = g.shape
+    h, w = np.shape(gray)[:2]
     if min(h, w) < _MIN_SIDE:
         return None
-    s, scale = _small(g)
+    s, scale = work if work is not None else working_copy(gray)
     s = ndimage.gaussian_filter(s, 1.0)
     ring = _light_box(s)
     region = None if ring is None else _film_region(ring)
@@ -336,7 +351,8 @@ def rectify(gray: np.ndarray, quad: Quad, *, inset: float = 0.01, size: tuple[in
     # output rectangle, grown by the inset, maps onto the quad: the inset trims the film's edges
     ex, ey = wo * inset / (1 - 2 * inset), ho * inset / (1 - 2 * inset)
     rect = [(-ex, -ey), (wo + ex, -ey), (wo + ex, ho + ey), (-ex, ho + ey)]
-    out = warp(g, homography(rect, p), (wo, ho), fill=float(np.median(g)))
+    step = max(1, max(g.shape) // 128)  # the fill is a typical level: a strided sample gives it
+    out = warp(g, homography(rect, p), (wo, ho), fill=float(np.median(g[::step, ::step])))
     if stretch:
         lo, hi = np.percentile(out[::3, ::3], [0.5, 99.5])  # a ninth of the pixels give the same levels
         out = (out - lo) / max(hi - lo, 1e-6)
@@ -358,7 +374,7 @@ class Orientation(NamedTuple):
 
 def thumbnail(gray: np.ndarray) -> np.ndarray:
     """THUMB x THUMB, squashed, robustly stretched so exposure and a photo's fog do not matter."""
-    t = np.asarray(_pil(to_gray(gray)).resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32)
+    t = np.asarray(to_pil(to_gray(gray)).resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32)
     lo, hi = np.percentile(t, [1, 99])
     return np.clip((t - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
 

@@ -23,10 +23,12 @@ import torch
 
 from cxr import images
 from cxr import nets as M
-from cxr import settings as config
 from cxr.errors import CxrError
+from cxr.evaluation.calibration import assessments
 from cxr.inference import gate, pipeline, runtime
+from cxr.inference import preprocess as convention
 from cxr.inference.backends import BACKENDS, TOLERANCE, make_backend, pooled, resolve_backend
+from cxr.inference.stability import Stability
 from cxr.tasks import get_task, probabilities
 
 __all__ = ["BACKENDS", "TOLERANCE", "Prediction", "Predictor", "resolve_backend"]
@@ -37,18 +39,25 @@ Gray = np.ndarray | Callable[[], np.ndarray]  # a decoded film, or how to read o
 
 @dataclass
 class Prediction:
-    """One film's result. `probabilities` holds independent per-finding probabilities (never renormalised);
-    all three dicts are empty when the film was refused by the gate or could not be read."""
+    """One film's result. `probabilities` holds independent per-finding probabilities (never renormalised,
+    calibrated when the model carries a calibration); the dicts are empty when the film was refused by the
+    gate or could not be read. A finding that is not `assessed` (no evidence that the model does better
+    than chance on it) is never `positive`; `reasons` says why, for those findings only."""
 
     name: str
     probabilities: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     positive: dict[str, bool] = field(default_factory=dict)
+    assessed: dict[str, bool] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # finding -> why it is not assessed
     refused: str | None = None
     gate_score: float | None = None
     error: str | None = None
     size: tuple[int, int] | None = None  # (width, height)
     heatmaps: dict[str, np.ndarray] | None = None
+    capture: pipeline.Capture | None = None  # what was done before reading: crop, turn, inversion, message
+    stability: Stability | None = None  # with stability=True: the spread over test-time variants
+    read: np.ndarray | None = field(default=None, repr=False)  # predict_film(keep_read=True): the film as read
 
     @property
     def status(self) -> str:
@@ -63,9 +72,12 @@ class Prediction:
         return {
             "name": self.name, "status": self.status, "message": self.message,
             "probabilities": dict(self.probabilities), "thresholds": dict(self.thresholds),
-            "positive": dict(self.positive), "refused": self.refused, "gate_score": self.gate_score,
+            "positive": dict(self.positive), "assessed": dict(self.assessed), "reasons": dict(self.reasons),
+            "refused": self.refused, "gate_score": self.gate_score,
             "error": self.error, "size": list(self.size) if self.size else None,
             "heatmaps": sorted(self.heatmaps) if self.heatmaps else None,
+            "capture": self.capture.to_dict() if self.capture else None,
+            "stability": self.stability.to_dict() if self.stability else None,
         }
 
 
@@ -78,8 +90,8 @@ class Predictor:
     def __init__(self, model: str | Path | None = None, *, backend: str = "auto", batch_size: int = 16,
                  threads: int | None = None, precision: str = runtime.DEFAULT_PRECISION, device: str = "cpu",
                  workers: int | None = None):
-        path = Path(model) if model is not None else config.BUNDLED_MODEL
-        net, meta = M.load_model(model)
+        path = M.resolve_model(model)  # a path, a name from `cxr models`, or None (the bundled model)
+        net, meta = M.load_model(path)
         self._setup(net, meta, M.load_extra(path), path, backend=backend, batch_size=batch_size, threads=threads,
                     precision=precision, device=device, workers=workers)
 
@@ -109,12 +121,13 @@ class Predictor:
         # bf16 runs on torch only: "auto" picks torch for it rather than refusing.
         self.backend = "torch" if backend == "auto" and precision != "fp32" else resolve_backend(backend)
         self.precision = runtime.check_precision(precision, self.backend)
-        self._run = make_backend(self.backend, net, meta, path=path, threads=threads, precision=precision,
-                                 device=device)
+        self._run = convention.with_tta(make_backend(self.backend, net, meta, path=path, threads=threads,
+                                                     precision=precision, device=device), meta)
         self.measured = runtime.Measured(precision) if precision != "fp32" else None
         task = get_task(meta.task)
         self.task = task
         self.findings, self._columns = list(task.reported), list(task.columns)
+        self.assessed = assessments(meta)  # finding -> (assessed, why not): fixed for the model's life
         self._workers = workers or pipeline.default_workers()  # decoding threads
         # The heatmap pass reads the body's feature map for the gate through this per-thread tap.
         self._tap = threading.local()
@@ -126,58 +139,97 @@ class Predictor:
     # ------------------------------------------------------------------------------------ public
 
     def predict(self, inputs: Sequence[Source], *, names: Sequence[str] | None = None,
-                heatmaps: bool | Sequence[str] = False) -> list[Prediction]:
-        """One Prediction per input, in order; an unreadable input gives one with .error, never an exception."""
-        return list(self.iter_predict(inputs, names=names, heatmaps=heatmaps))
+                heatmaps: bool | Sequence[str] = False, stability: bool = False) -> list[Prediction]:
+        """One Prediction per input, in order; an unreadable input gives one with .error, never an exception.
+        stability: also the spread over test-time variants (cxr.inference.stability; 3 more forwards a film)."""
+        return list(self.iter_predict(inputs, names=names, heatmaps=heatmaps, stability=stability))
 
     def iter_predict(self, inputs: Sequence[Source], *, names: Sequence[str] | None = None,
                      heatmaps: bool | Sequence[str] = False,
-                     progress: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+                     progress: Callable[[int], None] | None = None, stability: bool = False) -> Iterator[Prediction]:
         """predict, one Prediction at a time as batches finish; progress(n) after each batch of n films."""
         inputs = list(inputs)
         targets = self._heatmap_targets(heatmaps)
         labels = pipeline.names_of(inputs, names)
-        decoded = self._ordered(lambda i: pipeline.decode(i, inputs[i], labels[i], self.meta, bool(targets)),
-                                len(inputs))
+        decoded = self._ordered(lambda i: pipeline.decode(i, inputs[i], labels[i], self.meta, bool(targets),
+                                                          variants=stability), len(inputs))
         for batch in pipeline.batches(decoded, self.batch_size):
             yield from self._infer(batch, targets)
             if progress:
                 progress(len(batch))
 
     def predict_one(self, src: Source, *, name: str | None = None,
-                    heatmaps: bool | Sequence[str] = False) -> Prediction:
+                    heatmaps: bool | Sequence[str] = False, stability: bool = False) -> Prediction:
         """One film; raises images.ImageError when it cannot be read. A gate refusal is a Prediction with .refused."""
         label = pipeline.names_of([src], [name] if name else None)[0]
         targets = self._heatmap_targets(heatmaps)
-        return self._infer([pipeline.decode(0, src, label, self.meta, bool(targets), strict=True)], targets)[0]
+        return self._infer([pipeline.decode(0, src, label, self.meta, bool(targets), strict=True,
+                                            variants=stability)], targets)[0]
 
     def predict_film(self, film: images.Film, *, heatmaps: bool | Sequence[str] = False,
-                     heatmap_max_side: int | None = None) -> Prediction:
+                     heatmap_max_side: int | None = None, crop=None, stability: bool = False,
+                     keep_read: bool = False) -> Prediction:
         """A film already decoded by images.read_film (the web app decodes once and keeps the pixels).
         heatmap_max_side: heatmaps at the film's aspect ratio, at most this many px a side (default: the
-        film's own size)."""
+        film's own size). crop: the caller's crop (a Quad, e.g. from pipeline.crop_quad) or "full" (no
+        search for a light box); default: found in a photo. keep_read: the film as read (cropped, turned)
+        in .read, which heatmaps are drawn over."""
         targets = self._heatmap_targets(heatmaps)
-        return self._infer([pipeline.admit(0, film, self.meta, bool(targets))], targets,
-                           heatmap_max_side=heatmap_max_side)[0]
+        decoded = pipeline.admit(0, film, self.meta, bool(targets) or keep_read, crop=crop, variants=stability)
+        pred = self._infer([decoded], targets, heatmap_max_side=heatmap_max_side)[0]
+        pred.read = decoded.gray if keep_read else None
+        return pred
 
     def probabilities_of(self, grays: Sequence[Gray], *, strict: bool = False,
-                         progress: Callable[[int], None] | None = None) -> np.ndarray:
+                         progress: Callable[[int], None] | None = None, find_film: bool = True) -> np.ndarray:
         """len(grays) x outputs float32: the model's probabilities for every output column, through the same
         preprocessing and backend as predict but without the gate (labelled films are all scored). Items
         are gray arrays or callables that read one; a film that cannot be read is a NaN row (strict:
-        its images.ImageError is raised). progress(n) with the number of films done after each batch."""
+        its images.ImageError is raised). progress(n) with the number of films done after each batch.
+        The capture stage applies as in predict (a photo's film cropped, a confidently turned or inverted
+        film put right) but refuses nothing; find_film=False skips the search for a light box (a cache's
+        films are films already)."""
+        logits = self.logits_of(grays, strict=strict, progress=progress, find_film=find_film)
+        ok = np.isfinite(logits).all(axis=1)
+        out = np.full(logits.shape, np.nan, dtype=np.float32)
+        out[ok] = probabilities(logits[ok], self.meta)
+        return out
+
+    def logits_of(self, grays: Sequence[Gray], *, strict: bool = False,
+                  progress: Callable[[int], None] | None = None, find_film: bool = True) -> np.ndarray:
+        """probabilities_of before the activation and before calibration: the raw logits that
+        `cxr calibrate` fits on (NaN rows for films that cannot be read)."""
         out = np.full((len(grays), len(self.meta.outputs)), np.nan, dtype=np.float32)
         done = 0
-        prepared = self._ordered(lambda i: self._prepare(grays[i], strict), len(grays))
+        prepared = self._ordered(lambda i: self._prepare(grays[i], strict, find_film), len(grays))
         for batch in pipeline.batches(prepared, self.batch_size):
             ready = [j for j, x in enumerate(batch) if x is not None]
             if ready:
                 logits, _ = self._forward(np.stack([batch[j] for j in ready]))
-                out[[done + j for j in ready]] = probabilities(logits, self.task)
+                out[[done + j for j in ready]] = logits
             done += len(batch)
             if progress:
                 progress(done)
         return out
+
+    def verdicts_of(self, grays: Sequence[np.ndarray], *, find_film: bool = True
+                    ) -> tuple[np.ndarray, list[str | None]]:
+        """probabilities_of (every film scored, as it is read) beside what predict would answer each: None
+        where it would read the film, else its refusal (image checks, orientation, the gate). One forward
+        pass a film; `cxr evaluate --stability` reports acceptance rates from it."""
+        probs = np.full((len(grays), len(self.meta.outputs)), np.nan, dtype=np.float32)
+        refusals: list[str | None] = []
+        for start in range(0, len(grays), self.batch_size):
+            xs, why = [], []
+            for g in grays[start:start + self.batch_size]:
+                film = images.Film(g, (int(g.shape[1]), int(g.shape[0])), None, "film")
+                d = pipeline.admit(0, film, self.meta, False, find=find_film)
+                xs.append(d.x if d.x is not None else self._prepare(g, True, find_film))
+                why.append(d.refused)
+            logits, feats = self._forward(np.stack(xs))
+            probs[start:start + len(xs)] = probabilities(logits, self.meta)
+            refusals += [w or reason for w, (_, reason) in zip(why, self.gate.check_features(feats))]
+        return probs, refusals
 
     def embed(self, inputs: Sequence[Source], *, low_res: int | None = None,
               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[int]]:
@@ -208,9 +260,11 @@ class Predictor:
     def _ordered(self, work: Callable[[int], object], n: int) -> Iterator:
         return pipeline.ordered(work, n, workers=self._workers, ahead=2 * self.batch_size)
 
-    def _prepare(self, item: Gray, strict: bool) -> np.ndarray | None:
+    def _prepare(self, item: Gray, strict: bool, find: bool = True) -> np.ndarray | None:
         try:
-            return pipeline.preprocess(item() if callable(item) else item, self.meta)
+            gray, _ = pipeline.capture(item() if callable(item) else item, find=find,
+                                       side=int(self.meta.input_size))
+            return pipeline.preprocess(gray, self.meta)
         except images.ImageError:
             if strict:
                 raise
@@ -228,7 +282,7 @@ class Predictor:
         logits, feats = self._run(x)
         if self.measured is not None and self.measured.films < self.batch_size:
             reference, _ = self._run(x, precision="fp32")
-            self.measured.add(probabilities(logits, self.task), probabilities(reference, self.task))
+            self.measured.add(probabilities(logits, self.meta), probabilities(reference, self.meta))
         return logits, feats
 
     def _forward_with_maps(self, x: np.ndarray,
@@ -236,6 +290,9 @@ class Predictor:
         """(logits, pooled features, Grad-CAM maps or None): one pass through the body either way."""
         if not targets:
             return *self._forward(x), None
+        if x.ndim == 5:  # ten crops: scores from all of them, heatmaps from the centre crop (TenCrop's fifth)
+            logits, feats = self._forward(x)
+            return logits, feats, self._forward_with_maps(np.ascontiguousarray(x[:, 4]), targets)[2]
         from cxr.explain import gradcam as explain
         device = next(self.model.parameters()).device
         hook = self.model.body.register_forward_hook(self._capture)  # per call: no hooks left on the model
@@ -254,15 +311,33 @@ class Predictor:
         results: dict[int, Prediction] = {}
         if ready:
             logits, feats, cams = self._forward_with_maps(np.stack([f.x for f in ready]), targets)
-            probs = probabilities(logits, self.task)
+            probs = probabilities(logits, self.meta)  # calibrated here, the same for every backend
             verdicts = self.gate.check_features(feats)
             for j, (film, (score, reason)) in enumerate(zip(ready, verdicts)):
                 maps = None
                 if cams is not None and not reason:
                     maps = self._heatmaps(cams[j], film.gray.shape, targets, heatmap_max_side)
                 results[film.index] = self._prediction(film, probs[j], score, reason, maps)
-        return [results.get(f.index) or Prediction(f.name, refused=f.refused, error=f.error, size=f.size)
-                for f in batch]
+            self._stability([f for f in ready if not results[f.index].refused], probs, ready, results)
+        out = [results.get(f.index) or Prediction(f.name, refused=f.refused, error=f.error, size=f.size)
+               for f in batch]
+        for f, pred in zip(batch, out):
+            pred.capture = f.capture
+        return out
+
+    def _stability(self, films: list[pipeline.Decoded], probs: np.ndarray, ready: list[pipeline.Decoded],
+                   results: dict[int, Prediction]) -> None:
+        """The stability estimate of the accepted films that carry variants: one batched forward of them all."""
+        from cxr.inference import stability
+
+        films = [f for f in films if f.variants is not None]
+        if not films:
+            return
+        logits, _ = self._forward(np.concatenate([f.variants for f in films]))
+        pv = probabilities(logits, self.meta).reshape(len(films), len(stability.VARIANTS), -1)
+        row = {f.index: j for j, f in enumerate(ready)}
+        for k, f in enumerate(films):
+            results[f.index].stability = stability.measure(probs[row[f.index]], pv[k], self._columns)
 
     def _heatmaps(self, cams: torch.Tensor, shape: tuple[int, int], targets: list[int],
                   max_side: int | None) -> dict[str, np.ndarray]:
@@ -279,5 +354,7 @@ class Predictor:
             return Prediction(film.name, refused=reason, gate_score=score, size=film.size)
         p = {f: float(probs[c]) for f, c in zip(self.findings, self._columns)}
         t = {f: float(self.meta.thresholds[f]) for f in self.findings}
-        return Prediction(film.name, p, t, {f: p[f] >= t[f] for f in self.findings}, gate_score=score,
-                          size=film.size, heatmaps=maps)
+        ok = {f: self.assessed[f][0] for f in self.findings}
+        why = {f: self.assessed[f][1] for f in self.findings if not ok[f]}
+        return Prediction(film.name, p, t, {f: ok[f] and p[f] >= t[f] for f in self.findings}, ok, why,
+                          gate_score=score, size=film.size, heatmaps=maps)

@@ -47,23 +47,40 @@ def summary(meta: Any, name: str) -> ModelSummary:
 
 
 def model_card(meta: Any, name: str, outputs: Sequence[str]) -> ModelCard:
+    from cxr.evaluation.calibration import assessments
+
     metrics = meta.metrics or {}
-    per = metrics.get("per_finding") or {}
     prov = meta.provenance or {}
+    verdicts = assessments(meta)
     return ModelCard(
         **summary(meta, name).model_dump(),
         data=_data_line(prov),
         validation=_validation_line(metrics),
         macro_auc=number(metrics.get("macro_auc")),
-        findings=[
-            FindingCard(name=o, display_name=DISPLAY_NAMES.get(o, o), threshold=meta.thresholds[o],
-                        validation_auc=number((per.get(o) or {}).get("auc")))
-            for o in outputs
-        ],
+        operating_point=operating_point_line(meta),
+        calibrated=bool(meta.calibration),
+        findings=[_finding_card(meta, o, verdicts.get(o, (False, "not a reported finding"))) for o in outputs],
         gate=bool(meta.gate),
         intended_use=f"{prov.get('intended_use') or _card_intended_use()} {NOT_CLINICAL}",
         limitations=str(prov.get("limitations") or LIMITATIONS),
     )
+
+
+def _finding_card(meta: Any, o: str, verdict: tuple[bool, str | None]) -> FindingCard:
+    e = meta.evidence(o) or {}
+    ci = e.get("auc_ci")
+    return FindingCard(name=o, display_name=DISPLAY_NAMES.get(o, o), threshold=meta.thresholds[o],
+                       validation_auc=number(e.get("auc")),
+                       validation_auc_ci=[float(v) for v in ci] if ci else None,
+                       assessed=verdict[0], reason=verdict[1])
+
+
+def operating_point_line(meta: Any) -> str:
+    """The operating-point policy in words, for the API and the page (older models record none)."""
+    op = meta.operating_point or {}
+    if not op.get("policy"):
+        return "not recorded (thresholds from the training run's validation split)"
+    return f"{op['policy']}" + (f", fitted on {op['fitted_on']}" if op.get("fitted_on") else "")
 
 
 def _card_intended_use() -> str:
@@ -105,7 +122,8 @@ def prediction_out(pred: Any, model: ModelSummary, preview: np.ndarray | None, s
     return PredictOut(
         findings=[
             FindingOut(name=n, display_name=DISPLAY_NAMES.get(n, n), probability=float(p),
-                       threshold=float(pred.thresholds[n]), positive=bool(pred.positive[n]))
+                       threshold=float(pred.thresholds[n]), positive=bool(pred.positive[n]),
+                       assessed=bool(pred.assessed.get(n, False)), reason=pred.reasons.get(n))
             for n, p in pred.probabilities.items()
         ],
         model=model,

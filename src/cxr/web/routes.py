@@ -16,14 +16,23 @@ from fastapi.responses import FileResponse, JSONResponse
 from cxr import images
 from cxr import settings as config
 from cxr.findings import canonical
+from cxr.inference import pipeline
 from cxr.web import render
 from cxr.web.deps import UPLOAD_BODY, AdmittedUpload, PredictorDep, ServedDep, get_served
 from cxr.web.errors import FILM_REFUSALS, INTERNAL, INVALID_REQUEST, UPLOAD_REFUSALS, ApiError, image_error, merged
-from cxr.web.schemas import Health, ModelCard, ModelSummary, PredictOut
+from cxr.web.schemas import CaptureOut, Health, ModelCard, ModelSummary, PredictOut, StabilityOut
 
 log = logging.getLogger("cxr.web.routes")
 router = APIRouter()
 UPLOAD_LABEL = "the uploaded file"  # never the client's file name: it may carry a patient's name
+CROP_HELP = ("The film's outline in a photo, as the page lets the user adjust it: 8 numbers "
+             "x0,y0,x1,y1,x2,y2,x3,y3 (4 corners in pixels of the image as sent, after EXIF rotation), or "
+             "'full' to read the whole image. Default: the film is looked for on a light box.")
+# Off by default: 3 more films through the network made a plain read about 3.5x slower (measured on the
+# shared films, bundled model, 2 cores); the page asks for it, beside heatmaps that cost more.
+STABILITY_HELP = ("Also read 3 test-time variants (4 degree tilt, JPEG 70, exposure) and report how far the "
+                  "probabilities move, 'unstable' past a limit: 3 more films through the network (about 3.5x "
+                  "the time of a read without heatmaps).")
 
 
 @router.get("/", include_in_schema=False)
@@ -59,39 +68,86 @@ def heatmap_choice(
 
 @router.post("/api/v1/predict", response_model=PredictOut, tags=["predict"], openapi_extra=UPLOAD_BODY,
              responses=merged(INVALID_REQUEST, UPLOAD_REFUSALS, FILM_REFUSALS, INTERNAL,
-                              {400: {"description": "An unknown finding in ?heatmaps= (bad_heatmaps)"}}))
+                              {400: {"description": "An unknown finding in ?heatmaps= (bad_heatmaps), or a "
+                                                    "?crop= that cannot be a film's outline (bad_crop)"},
+                               422: {"description": "The film's orientation or polarity is unsure "
+                                                    "(orientation_unsure)"}}))
 async def predict(upload: AdmittedUpload, predictor: PredictorDep, served: ServedDep,
                   wanted: bool | list[str] = Depends(heatmap_choice),
-                  preview: bool = Query(False, description="Include the film as read (PNG, <= 512 px)")):
+                  preview: bool = Query(False, description="Include the film as read (PNG, <= 512 px)"),
+                  crop: str | None = Query(None, max_length=200, description=CROP_HELP),
+                  stability: bool = Query(False, description=STABILITY_HELP)):
     """Read one film (multipart field `file`: PNG, JPEG or DICOM): 14 independent likelihoods."""
     data = await upload.read()
     start = time.perf_counter()
-    body = await upload.run(infer, predictor, data, wanted, preview, served.summary)
+    body = await upload.run(infer, predictor, data, wanted, preview, served.summary, crop, stability)
     log.debug("predict: %.0f ms", 1000 * (time.perf_counter() - start))
     return JSONResponse(body)
 
 
-def infer(predictor, data: bytes, heatmaps: bool | list[str], preview: bool, model: ModelSummary) -> dict:
+def parse_crop(value: str | None) -> list[float] | str | None:
+    """?crop=: None, 'full', or 8 numbers; raises ApiError(400, bad_crop) naming what is wrong."""
+    value = (value or "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("full", "none"):
+        return "full"
+    try:
+        numbers = [float(v) for v in value.replace(";", ",").split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 8:
+        raise ApiError(400, "bad_crop", "crop: give 8 numbers x0,y0,x1,y1,x2,y2,x3,y3 (the film's corners in "
+                       "the image's pixels), or 'full'")
+    return numbers
+
+
+def capture_out(pred, film: images.Film, preview: bool) -> CaptureOut | None:
+    """What the capture stage did, with the image as sent when there is a crop to draw over it."""
+    if pred.capture is None:
+        return None
+    c = pred.capture.to_dict()
+    c.pop("refused", None)
+    photo = render.gray_png(film.gray) if preview and c["crop"] else None
+    return CaptureOut(**c, photo=photo)
+
+
+def infer(predictor, data: bytes, heatmaps: bool | list[str], preview: bool, model: ModelSummary,
+          crop: str | None = None, stability: bool = False) -> dict:
     """On an inference thread: decode once, predict, refuse or encode. Returns the JSON body of a 200.
 
     Heatmaps come back at most render.HEATMAP_MAX_SIDE px: Grad-CAM maps at a phone photo's full size
     would be hundreds of MB (14 float32 maps of 12 megapixels) for a picture drawn at 256 px.
     """
+    wanted_crop = parse_crop(crop)
     try:
         film = images.read_film(data, name=UPLOAD_LABEL)
-        pred = predictor.predict_film(film, heatmaps=heatmaps, heatmap_max_side=render.HEATMAP_MAX_SIDE)
+        if isinstance(wanted_crop, list):
+            wanted_crop = pipeline.crop_quad(wanted_crop, *film.size)
+        pred = predictor.predict_film(film, heatmaps=heatmaps, heatmap_max_side=render.HEATMAP_MAX_SIDE,
+                                      crop=wanted_crop, stability=stability, keep_read=preview)
     except images.ImageError as e:
         raise image_error(e) from None
+    except pipeline.CropError as e:
+        raise ApiError(400, "bad_crop", str(e)) from None
     if pred.error:
         raise ApiError(400, "unreadable_image", str(pred.error))
+    if pred.capture is not None and pred.capture.refused and pred.refused == pred.capture.message:
+        raise ApiError(422, "orientation_unsure", pipeline_sentence(pred.capture.message))
     if pred.refused:
         reason = pred.refused[:1].upper() + pred.refused[1:].rstrip(".")  # the gate's reason is a clause
         raise ApiError(422, "not_a_chest_xray",
                        f"{reason}. This does not look like a frontal chest X-ray, so it was not read. "
                        "Send a frontal (PA or AP) chest film, photographed flat and filling the frame.",
                        gate_score=render.number(pred.gate_score))
-    out = render.prediction_out(pred, model, film.gray if preview else None, film.size)
+    out = render.prediction_out(pred, model, pred.read if preview else None, film.size)
+    out.capture = capture_out(pred, film, preview)
+    out.stability = StabilityOut(**pred.stability.to_dict()) if pred.stability else None
     return out.model_dump(exclude_none=True)
+
+
+def pipeline_sentence(clause: str) -> str:
+    return clause[:1].upper() + clause[1:].rstrip(".") + "."
 
 
 def parse_heatmaps(value: str | None, outputs: Sequence[str]) -> bool | list[str]:

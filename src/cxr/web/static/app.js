@@ -64,7 +64,7 @@ async function upload(file) {
   form.append("file", file);
   let response, body;
   try {
-    response = await fetch(`${API}/predict?heatmaps=all&preview=true`, {
+    response = await fetch(`${API}/predict?heatmaps=all&preview=true&stability=true${cxrCapture.query(file)}`, {
       method: "POST", body: form, signal: pending.signal,
     });
     body = await response.json().catch(() => null);
@@ -94,7 +94,12 @@ function render(result) {
   const list = $("findings");
   list.replaceChildren();
   const sorted = [...result.findings].sort((a, b) => b.probability - a.probability);
-  for (const f of sorted) list.append(findingRow(f));
+  // A finding the model has no evidence for is never flagged: it goes, greyed, under its own heading.
+  for (const f of sorted.filter((f) => f.assessed !== false)) list.append(findingRow(f));
+  const unassessed = sorted.filter((f) => f.assessed === false);
+  $("unassessed").replaceChildren(...unassessed.map(unassessedRow));
+  $("not-assessed").hidden = unassessed.length === 0;
+  cxrCapture.show(result);  // capture.js: the crop, the turn undone, the stability estimate
   $("results").hidden = false;
   $("results").scrollIntoView({ behavior: "smooth", block: "start" });  // on a phone it is below the fold
   setStatus(`Read a ${result.image.width} \u00d7 ${result.image.height} film with ${result.model.name}.`);
@@ -121,6 +126,17 @@ function findingRow(f) {
     `${f.display_name}: ${pct(f.probability)}, threshold ${pct(f.threshold)}` + (f.positive ? ", above threshold" : ""));
   b.addEventListener("click", () => toggleHeatmap(b, f));
   li.append(b);
+  return li;
+}
+
+function unassessedRow(f) {
+  // Still a finding button (its heatmap can be looked at), greyed, with no threshold and never a flag.
+  const li = findingRow({ ...f, positive: false });
+  const b = li.firstChild;
+  const reason = sentence(f.reason || "No validation evidence for this finding");
+  b.classList.add("unassessed");
+  b.append(el("span", "reason", reason));
+  b.setAttribute("aria-label", `${f.display_name}: not assessed (${pct(f.probability)}). ${reason}`);
   return li;
 }
 
@@ -179,6 +195,10 @@ async function loadModelCard() {
   cardRow(dl, "Data", card.data);
   const auc = card.macro_auc == null ? "not recorded" : `${card.macro_auc.toFixed(3)} mean AUC`;
   cardRow(dl, "Validation", card.validation ? `${auc} (${card.validation})` : auc);
+  cardRow(dl, "Operating point", card.operating_point);
+  cardRow(dl, "Probabilities", card.calibrated ? "calibrated per finding (Platt scaling)" : "not recalibrated");
+  const absent = card.findings.filter((f) => f.assessed === false).map((f) => f.display_name);
+  cardRow(dl, "Cannot assess", absent.length ? absent.join(", ") : "");
   cardRow(dl, "Refuses non-chest images", card.gate ? "yes" : "no: check the film is a frontal chest X-ray yourself");
   cardRow(dl, "Intended use", card.intended_use);
   cardRow(dl, "Limitations", card.limitations);
@@ -188,7 +208,8 @@ async function loadModelCard() {
     const tr = el("tr");
     tr.append(el("td", "", f.display_name),
       el("td", "num", f.validation_auc == null ? "\u2013" : f.validation_auc.toFixed(3)),
-      el("td", "num", pct(f.threshold)));
+      el("td", "num", pct(f.threshold)),
+      el("td", "", f.assessed === false ? `no: ${f.reason || "no evidence"}` : "yes"));
     tbody.append(tr);
   }
 }
