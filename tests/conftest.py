@@ -80,6 +80,15 @@ def make_meta(arch: str = TINY_ARCH, task: str = "multilabel", size: int | None 
     return ModelMeta(arch=arch, task=task, outputs=list(task_.outputs), activation=task_.activation, **kw)
 
 
+def assessed_everywhere(task: str = "multilabel", ci=(0.6, 0.8)) -> dict:
+    """ModelMeta.assessment saying every reported finding of `task` is assessed (AUC CI above 0.5): a random
+    model's findings are otherwise all "not assessed", never positive."""
+    from cxr.tasks import get_task
+
+    return {f: {"auc": sum(ci) / 2, "auc_ci": list(ci), "n_positive": 50, "n_negative": 200,
+                "source": "test fixture"} for f in get_task(task).reported}
+
+
 def save_random_model(path: Path, arch: str = TINY_ARCH, task: str = "multilabel", size: int = TINY_SIZE,
                       *, seed: int = 0, **meta_kw) -> Path:
     """A randomly initialised (seeded, so reproducible) checkpoint at `path`; `meta_kw` go to ModelMeta

@@ -23,7 +23,7 @@ from cxr.cli.predict import collect, in_shard, parse_shard
 from cxr.errors import CxrError
 from cxr.findings import FINDINGS
 from cxr.inference.predictor import TOLERANCE, Predictor, resolve_backend
-from conftest import make_meta
+from conftest import assessed_everywhere, make_meta
 
 SIZE = 64  # a small input keeps a random Lite0 fast; the pipeline is the same at any size
 
@@ -43,7 +43,8 @@ def onnx_cache(tmp_path_factory):
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "lite0-random.safetensors"
-    return M.save(path, M.build("efficientnet_lite0", 14), meta_for(thresholds={"Effusion": 0.3}))
+    return M.save(path, M.build("efficientnet_lite0", 14),
+                  meta_for(thresholds={"Effusion": 0.3}, assessment=assessed_everywhere()))
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,8 @@ def test_cli_csv_on_a_folder(ckpt, images_1024, monkeypatch):
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(rows) == 24 and {r["status"] for r in rows} == {"ok"}
     header = list(rows[0])
-    assert header == ["file", "status", "message", *FINDINGS, *(f"{f}_positive" for f in FINDINGS)]
+    assert header == ["file", "status", "message", *FINDINGS, *(f"{f}_positive" for f in FINDINGS),
+                      *(f"{f}_assessed" for f in FINDINGS)]
     assert rows[0]["file"] == "00000075_000.png" and all(0 <= float(rows[0][f]) <= 1 for f in FINDINGS)
     assert {rows[0][f"{f}_positive"] for f in FINDINGS} <= {"0", "1"}
 

@@ -43,7 +43,8 @@ AUCS = {f: 0.6 + 0.01 * i for i, f in enumerate(FINDINGS)}
 def tiny_model(tmp_path_factory) -> Path:
     return save_random_model(
         tmp_path_factory.mktemp("model") / "tiny-lite0.safetensors", thresholds={"Effusion": 0.3, "Hernia": 0.05},
-        metrics={"per_finding": {f: {"auc": a} for f, a in AUCS.items()}, "macro_auc": 0.665,
+        metrics={"per_finding": {f: {"auc": a, "auc_ci": [a - 0.05, a + 0.05]} for f, a in AUCS.items()},
+                 "macro_auc": 0.665,
                  "n_images": 1234, "subset": "validation"},
     )
 

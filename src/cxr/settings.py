@@ -59,6 +59,15 @@ def cache_dir() -> Path:
     return Path(_env("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr"
 
 
+def models_dir() -> Path:
+    """Where `cxr models` and `--model NAME` look, and `cxr import` writes: $CXR_MODELS, else
+    $XDG_DATA_HOME/cxr/models, else ~/.local/share/cxr/models."""
+    env = _env("CXR_MODELS")
+    if env:
+        return Path(env).expanduser()
+    return Path(_env("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "cxr" / "models"
+
+
 def imagenet_weights() -> Path | None:
     """$CXR_IMAGENET_WEIGHTS: DenseNet-121's ImageNet file when it is not in torch hub's cache."""
     env = _env("CXR_IMAGENET_WEIGHTS")

@@ -77,12 +77,15 @@ class _CsvWriter:
         import csv
 
         self.findings, self.w = findings, csv.writer(stream, lineterminator="\n")
-        self.w.writerow(["file", "status", "message", *findings, *(f"{f}_positive" for f in findings)])
+        self.w.writerow(["file", "status", "message", *findings, *(f"{f}_positive" for f in findings),
+                         *(f"{f}_assessed" for f in findings)])
 
     def write(self, key: str, pred) -> None:
         probs = [f"{pred.probabilities[f]:.6f}" if pred.probabilities else "" for f in self.findings]
         flags = [str(int(pred.positive[f])) if pred.positive else "" for f in self.findings]
-        self.w.writerow([key, pred.status, pred.message, *probs, *flags])
+        # 0: the model has no evidence on this finding (never positive); the probability is for research only.
+        assessed = [str(int(pred.assessed[f])) if pred.assessed else "" for f in self.findings]
+        self.w.writerow([key, pred.status, pred.message, *probs, *flags, *assessed])
 
     def close(self) -> None:
         pass
@@ -196,11 +199,23 @@ def _run(predictor, films, fmt, out, wanted, heatmap_dir, show) -> dict[str, int
 def export_cmd(
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     fmt: str = typer.Option("onnx", "--format", help="onnx"),
-    out: Path = typer.Option(..., help="File to write, e.g. cxr.onnx."),
+    out: Optional[Path] = typer.Option(None, help="Write only the classifier graph ('logits', 'features') to this "
+                                       "file, e.g. cxr.onnx. Default: the runtime artefacts beside the checkpoint."),
 ) -> None:
-    """Export the model for ONNX Runtime: dynamic batch, outputs 'logits' and 'features', metadata inside."""
+    """Write the model's ONNX artefacts beside its checkpoint (NAME.runtime.onnx: probabilities, gate features and
+    Grad-CAM for every finding in one graph, checked against torch; NAME.runtime.json), so predict and serve run
+    without torch. With --out, one classifier graph for other tools instead."""
     from cxr.inference import export
-    typer.echo(f"wrote {export.export(model, out, fmt)}")
+    if out is not None:
+        typer.echo(f"wrote {export.export(model, out, fmt)}")
+        return
+    if fmt not in export.FORMATS:
+        raise export.ExportError(f"unknown export format {fmt!r}; expected one of: {', '.join(export.FORMATS)}")
+    where = export.export_artefacts(model)
+    parity = export.artefacts.read_manifest(where.checkpoint)["parity"]
+    typer.echo(f"wrote {where.graph} and {where.manifest} (against torch on {parity['films']} films: probabilities "
+               f"within {parity['max_abs_probability']:.1e}, Grad-CAM within {parity['max_abs_cam']:.1e}, "
+               f"correlation >= {parity['min_cam_correlation']:.5f})")
 
 
 def gate_fit(
@@ -220,12 +235,11 @@ def gate_fit(
     """Fit the not-a-chest-X-ray gate on real films and store it in the checkpoint."""
     import dataclasses
 
-    from cxr import settings as config
     from cxr.inference import gate
     from cxr import nets as M
     from cxr.inference.predictor import Predictor
 
-    source = model if model is not None else config.BUNDLED_MODEL
+    source = M.resolve_model(model)
     films = [p for p, _ in collect(data)]
     if not films:
         raise CxrError("no films found under --data: give folders of PNG, JPEG or DICOM frontal films")

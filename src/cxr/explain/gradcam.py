@@ -28,6 +28,7 @@ from torch import nn
 
 from cxr.data import transforms
 from cxr.errors import CxrError
+from cxr.inference import preprocess as convention
 from cxr.findings import DISPLAY_NAMES, canonical
 
 METHODS = ("gradcam", "guided-backprop", "guided-gradcam")
@@ -291,7 +292,8 @@ def explain_films_with_logits(model: nn.Module, meta, grays: Sequence[np.ndarray
     results, all_logits = [], []
     for start in range(0, len(grays), batch_size):
         batch = [np.asarray(g, dtype=np.float32) for g in grays[start:start + batch_size]]
-        x = torch.stack([transforms.preprocess(g, meta) for g in batch]).to(_device(model))
+        x = torch.stack([torch.from_numpy(convention.single(g, meta)) if convention.custom(meta)  # imported
+                         else transforms.preprocess(g, meta) for g in batch]).to(_device(model))
         logits, maps = explain(model, x, method, targets, meta=meta)
         all_logits.append(logits.cpu())
         for gray, film_maps in zip(batch, maps.cpu()):

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from cxr import settings as config
 from cxr.errors import CxrError
+from cxr.inference import artefacts
 
 INPUT, OUTPUTS = "image", ("logits", "features")
 META_KEY = "cxr"
@@ -83,6 +86,105 @@ def export(model_spec: str | os.PathLike | None, out: str | os.PathLike, fmt: st
         raise ExportError(f"unknown export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     net, meta = M.load_model(model_spec)
     return _write_atomic(Path(out), to_onnx(net, meta))
+
+
+# ------------------------------------------------------------------------------- runtime artefacts
+
+CAM_TOLERANCE, CAM_MIN_CORRELATION = 1e-3, 0.999  # per normalised map, against autograd Grad-CAM
+CHECK_FILMS = 4  # synthetic films the graph is checked on when no real ones are given
+
+
+def export_artefacts(model_spec: str | os.PathLike | None, films=None) -> artefacts.Paths:
+    """Write a checkpoint's runtime artefacts beside it (see cxr.inference.artefacts for the layout), after
+    checking the graph against torch on `films` (gray arrays; default: CHECK_FILMS synthetic ones).
+    None = the bundled model. Raises ExportError, writing nothing, when the check fails."""
+    import cxr
+    import onnx
+    import onnxruntime
+
+    from cxr import nets as M
+    from cxr.inference import camgraph
+
+    source = M.resolve_model(model_spec)
+    net, meta = M.load_model(source)
+    data = camgraph.to_onnx(net, meta, OPSET)
+    parity = check_artefact(net, meta, data, films)
+    where = artefacts.paths(source)
+    manifest = {
+        "format": artefacts.FORMAT,
+        "checkpoint": {"name": source.name, "bytes": source.stat().st_size, "sha256": artefacts.sha256(source)},
+        "graph": {"name": where.graph.name, "sha256": hashlib.sha256(data).hexdigest(),
+                  "input": [None, 3, meta.input_size, meta.input_size],
+                  "outputs": camgraph.output_names(getattr(meta, "platt", None) is not None
+                                                   and meta.activation == "sigmoid")},
+        "versions": {"cxr": cxr.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "opset": OPSET},
+        "parity": parity,
+    }
+    try:
+        _write_atomic(where.graph, data)
+        _write_atomic(where.manifest, (json.dumps(manifest, indent=1) + "\n").encode())  # last: the commit point
+    except OSError as e:
+        raise ExportError(f"cannot write the artefacts beside {source} ({e}): copy the checkpoint somewhere "
+                          "writable and export that copy") from None
+    return where
+
+
+def _check_batch(meta, films) -> torch.Tensor:
+    """Preprocessed films to check on: the given gray films, else smooth seeded random fields (a film's
+    large-scale structure, so the maps are not noise)."""
+    import torch.nn.functional as F
+
+    from cxr.inference.pipeline import preprocess
+
+    if films is None:
+        g = torch.Generator().manual_seed(0)
+        coarse = torch.rand(CHECK_FILMS, 1, 9, 9, generator=g, dtype=torch.float64)
+        films = F.interpolate(coarse, size=(256, 256), mode="bicubic", align_corners=False).clamp(0, 1)
+        films = [f[0].float().numpy() for f in films]
+    return torch.from_numpy(np.stack([preprocess(np.asarray(f, np.float32), meta) for f in films]))
+
+
+def check_artefact(net: nn.Module, meta, data: bytes, films=None) -> dict:
+    """The runtime graph's largest differences from torch (probabilities, gate features, normalised Grad-CAM
+    maps and their lowest correlation); ExportError when one is over its tolerance."""
+    from cxr.explain import gradcam
+    from cxr.inference.backends import TOLERANCE
+    from cxr.tasks import probabilities
+
+    x = _check_batch(meta, films)
+    all_outputs = list(range(len(meta.outputs)))
+    with torch.no_grad():
+        feats = net.eval().features(x).mean(dim=(2, 3)).numpy()
+    logits, cams = gradcam.gradcam(net, x, all_outputs, meta=meta)
+    got = session(data).run(None, {artefacts.INPUT: x.numpy()})
+    want_p = probabilities(logits.numpy(), meta)
+    dp = float(np.abs(probabilities(got[0], meta) - want_p).max())
+    if len(got) > 3:  # the graph's own calibrated probabilities, for the page
+        dp = max(dp, float(np.abs(got[3] - want_p).max()))
+    ours, theirs = artefacts.normalise(got[2]), cams.numpy()
+    parity = {"films": int(x.shape[0]), "max_abs_probability": dp,
+              "max_abs_features": float(np.abs(got[1] - feats).max()),
+              "max_abs_cam": float(np.abs(ours - theirs).max()), "min_cam_correlation": _min_correlation(ours, theirs)}
+    failed = [f"{k} {parity[k]:.3g} (allowed {limit:g})" for k, limit, bad in (
+        ("max_abs_probability", TOLERANCE["onnx"], parity["max_abs_probability"] > TOLERANCE["onnx"]),
+        ("max_abs_features", TOLERANCE["onnx"], parity["max_abs_features"] > TOLERANCE["onnx"]),
+        ("max_abs_cam", CAM_TOLERANCE, parity["max_abs_cam"] > CAM_TOLERANCE),
+        ("min_cam_correlation", CAM_MIN_CORRELATION, parity["min_cam_correlation"] < CAM_MIN_CORRELATION)) if bad]
+    if failed:
+        raise ExportError(f"the runtime graph of this {meta.arch} model does not match torch: {'; '.join(failed)}. "
+                          "Nothing was written; run with the torch backend, and report this with the checkpoint")
+    return parity
+
+
+def _min_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """The lowest Pearson correlation between corresponding maps; a pair of identical flat maps counts as 1."""
+    a, b = a.reshape(-1, a.shape[-2] * a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-2] * b.shape[-1])
+    a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    corr = np.where(den > 0, (a * b).sum(axis=1) / np.maximum(den, 1e-300), np.where(np.abs(a - b).max(axis=1) == 0,
+                                                                                      1.0, 0.0))
+    return float(corr.min())
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:

@@ -9,7 +9,7 @@ import torch
 
 from cxr.errors import ModelError
 from cxr.meta import ModelMeta
-from cxr.nets.checkpoint import load, load_extra, load_model, save
+from cxr.nets.checkpoint import load, load_extra, load_model, resolve_model, save
 from cxr.nets.head import AdaptiveConcatPool2d, CxrNet, freeze_body
 from cxr.nets.registry import ARCHITECTURES, build, default_normalisation, get_architecture, register, unregister
 from cxr.tasks import Task, get_task
@@ -23,6 +23,7 @@ TWO_CLASS_OUTPUTS = list(get_task("pneumothorax").outputs)  # older callers' nam
 
 __all__ = ["ARCHITECTURES", "activate", "AdaptiveConcatPool2d", "CxrNet", "ModelMeta", "TWO_CLASS_OUTPUTS", "build",
            "default_normalisation", "freeze_body", "get_architecture", "load", "load_extra", "load_model",
+           "resolve_model",
            "probabilities", "register", "save", "unregister"]
 
 

@@ -97,6 +97,21 @@ def _read_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[di
     return tensors, ModelMeta.from_json(header["cxr"])
 
 
+def read_meta(path: str | os.PathLike) -> ModelMeta:
+    """A checkpoint's ModelMeta from its header alone (no tensors read: `cxr models` lists many)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise ModelError(f"{path} is not a readable .safetensors checkpoint ({e})") from None
+    if "cxr" not in header:
+        raise ModelError(f"{path} is a safetensors file but not a cxr checkpoint (no 'cxr' metadata in its header)")
+    return ModelMeta.from_json(header["cxr"])
+
+
 def load_into(model: CxrNet, path: Path) -> None:
     """Initialise `model` from a checkpoint of the same arch; a different number of outputs keeps a fresh last layer."""
     tensors, meta = _read_checkpoint(path)
@@ -128,16 +143,32 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
     """(model in eval mode, its metadata) from a cxr .safetensors checkpoint."""
     path = Path(path)
     tensors, meta = _read_checkpoint(path, map_location)
-    model = CxrNet(meta.arch, len(meta.outputs)).to(map_location)
+    model = CxrNet(meta.arch, len(meta.outputs), head=meta.head).to(map_location)
     load_strict(model, tensors, str(path))
     return model.eval(), meta
 
 
-def load_model(spec: str | os.PathLike | None = None) -> tuple[CxrNet, ModelMeta]:
-    """load(spec); None means the model bundled with cxr."""
-    if spec is None:
+BUNDLED_NAME = "bundled"  # what `cxr models` lists the bundled model as
+
+
+def resolve_model(spec: str | os.PathLike | None = None) -> Path:
+    """The checkpoint file --model means, for every command: None or "bundled" -> the bundled model; an
+    existing file -> itself; a bare name -> NAME.safetensors in the models folder (`cxr models` lists them)."""
+    if spec is None or str(spec) in (BUNDLED_NAME, config.BUNDLED_MODEL.stem):
         if not config.BUNDLED_MODEL.is_file():
             raise ModelError(f"no bundled model in this installation (expected {config.BUNDLED_MODEL}); "
                              "pass a checkpoint with --model PATH, or train one with `cxr train`")
-        spec = config.BUNDLED_MODEL
-    return load(spec)
+        return config.BUNDLED_MODEL
+    path = Path(spec).expanduser()
+    if path.exists() or path.parent != Path(".") or path.suffix:
+        return path  # a path (a missing one is reported by whoever opens it, naming it)
+    named = config.models_dir() / f"{path.name}.safetensors"
+    if named.is_file():
+        return named
+    raise ModelError(f"--model {spec}: no such file, and no model named {path.name!r} in {config.models_dir()} "
+                     "(`cxr models` lists the names; `cxr import` adds models there)")
+
+
+def load_model(spec: str | os.PathLike | None = None) -> tuple[CxrNet, ModelMeta]:
+    """load(spec) after resolve_model: None means the model bundled with cxr, a bare name one in the models folder."""
+    return load(resolve_model(spec))

@@ -36,15 +36,23 @@ def make_head(num_features: int, num_outputs: int, dropout: tuple[float, float])
     return head
 
 
-class CxrNet(nn.Module):
-    """body -> feature map (the Grad-CAM target) -> head -> logits. The body comes from the registry."""
+def linear_head(num_features: int, num_outputs: int) -> nn.Sequential:
+    """torchvision's DenseNet classifier (imported models: CheXNet, torchxrayvision): average pool, Linear."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(num_features, num_outputs))
 
-    def __init__(self, arch: str, num_outputs: int, dropout: tuple[float, float] = (0.25, 0.5)) -> None:
+
+class CxrNet(nn.Module):
+    """body -> feature map (the Grad-CAM target) -> head -> logits. The body comes from the registry.
+    head: "paper" (make_head) or "linear" (linear_head), as ModelMeta.head records."""
+
+    def __init__(self, arch: str, num_outputs: int, dropout: tuple[float, float] = (0.25, 0.5),
+                 head: str = "paper") -> None:
         super().__init__()
         spec = get_architecture(arch)
         self.arch, self.num_outputs = arch, num_outputs
         self.body = spec.body()
-        self.head = make_head(self.body.num_features, num_outputs, dropout)
+        self.head = (linear_head(self.body.num_features, num_outputs) if head == "linear"
+                     else make_head(self.body.num_features, num_outputs, dropout))
         self.body_frozen = False
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
