@@ -108,3 +108,12 @@ def tiny_model_factory(tmp_path_factory):
     def make(name: str = "tiny-lite0", **kw) -> Path:
         return save_random_model(tmp_path_factory.mktemp("model") / f"{name}.safetensors", **kw)
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """Every test's ONNX exports go to one temporary cache per test process: never into the user's ~/.cache,
+    and each checkpoint (the bundled model's above all) is exported once per process, not once per module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CXR_CACHE", str(tmp_path_factory.mktemp("onnx-cache")))
+        yield

@@ -81,3 +81,13 @@ def test_not_assessed_when_the_auc_interval_reaches_chance():
     ok, why = C.assessed(0.43)
     assert not ok and "0.43" in why
     assert C.assessed(None)[0] is False
+
+
+def test_a_backwards_or_unfittable_finding_gets_its_base_rate_not_an_inverted_score():
+    z, y = _scores(seed=4)
+    a, b, note = C.fit_or_base_rate(-z, y, "Edema")  # ranked backwards: a plain fit would invert it
+    assert a == 0.0 and "base rate" in note
+    assert C.apply_platt(np.array([-5.0, 5.0]), a, b) == pytest.approx([y.mean()] * 2, abs=0.01)
+    a, b, note = C.fit_or_base_rate(np.arange(50.0), np.r_[np.zeros(49), np.ones(1)], "Hernia")
+    assert a == 0.0 and "Hernia: 1 positive" in note
+    assert C.fit_or_base_rate(z, y)[2] is None

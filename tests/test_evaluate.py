@@ -24,12 +24,6 @@ from conftest import save_random_model
 SIZE = 32  # the smallest input a model accepts: keeps inference cheap on two cores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def onnx_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:  # evaluate scores through ONNX: exports go to a temporary cache
-        mp.setenv("CXR_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
 
 @pytest.fixture(scope="module")
 def table(metadata_csv):

@@ -43,12 +43,6 @@ def honest_model(tmp_path_factory) -> Path:
                              operating_point={"policy": "spec:0.90", "fitted_on": "test fixture"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def onnx_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:  # exported graphs go to a temporary cache, not ~/.cache
-        mp.setenv("CXR_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
 
 @pytest.fixture(scope="module")
 def films(images_512) -> list[Path]:

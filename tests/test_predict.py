@@ -32,12 +32,6 @@ def meta_for(arch="efficientnet_lite0", task="multilabel", size=SIZE, **kw) -> M
     return make_meta(arch, task, size, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def onnx_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:  # exported graphs go to a temporary cache, not ~/.cache
-        mp.setenv("CXR_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

@@ -59,15 +59,16 @@ def registered():
 
 
 @pytest.fixture
-def toy_films(tmp_path):
-    """64 px grey films, bright or dark (some both, some neither), one patient each, and their labels."""
-    rng = np.random.default_rng(0)
+def toy_films(tmp_path, images_64):
+    """Real 64 px films made brighter or darker (some both, some neither), one patient each, and their labels.
+    Real films, not noise: predict reads them through the whole inference path, orientation check included."""
+    sources = sorted(images_64.glob("*.png"))[:N_FILMS]
     folder, rows = tmp_path / "films", []
     folder.mkdir()
-    for i in range(N_FILMS):
+    for i, src in enumerate(sources):
         bright, dark = i % 2 == 0, i % 3 == 0
-        level = 60 + 120 * bright - 40 * dark
-        pixels = np.clip(rng.normal(level, 20, (64, 64)), 0, 255).astype(np.uint8)
+        gray = np.asarray(Image.open(src).convert("L"), dtype=np.float32)
+        pixels = np.clip(gray * (1.0 - 0.4 * dark) + 70 * bright, 0, 255).astype(np.uint8)
         name = f"toy_{i:03d}.png"
         Image.fromarray(pixels).save(folder / name)
         labels = "|".join(f for f, on in zip(FINDINGS, (bright, dark)) if on) or "No Finding"

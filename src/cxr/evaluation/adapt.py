@@ -77,8 +77,10 @@ def refit(meta, y: np.ndarray, logits: np.ndarray, findings: Sequence[str], *, s
     elif calibrate:
         for j, f in enumerate(findings):
             if f not in thin:
-                a, b = C.fit_platt(logits[:, _column(meta, f)], y[:, j], name=f)
+                a, b, note = C.fit_or_base_rate(logits[:, _column(meta, f)], y[:, j], name=f)
                 cal[f] = {"a": a, "b": b}
+                if note:
+                    notes.append(f"{f}: {note}")
     fitted = dataclasses.replace(meta, calibration=cal)
     p = probabilities(logits, fitted)[:, [_column(meta, f) for f in findings]]
     thresholds = dict(meta.thresholds)

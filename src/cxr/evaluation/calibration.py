@@ -70,6 +70,22 @@ def fit_platt(logit: np.ndarray, y: np.ndarray, name: str = "finding") -> tuple[
     return float(fit.coef_[0, 0]), float(fit.intercept_[0])
 
 
+def fit_or_base_rate(logit: np.ndarray, y: np.ndarray, name: str = "finding") -> tuple[float, float, str | None]:
+    """(a, b, note). Where no slope can be fitted (too few films of a class) or it comes out zero or negative
+    (the model ranks the finding backwards on these films), calibration says the finding's base rate, flat:
+    what is known, rather than an inverted or uncalibrated number. Such a finding is also not assessed."""
+    y = np.asarray(y).astype(int).ravel()
+    try:
+        a, b = fit_platt(logit, y, name)
+        if a > 0:
+            return a, b, None
+        note = "its scores rank it no better than chance here; calibration gives its base rate"
+    except CalibrationError as e:
+        note = f"{e} Calibration gives its base rate."
+    rate = (float(y.sum()) + 0.5) / (len(y) + 1.0)  # smoothed: a finding never seen is rare, not impossible
+    return 0.0, float(np.log(rate / (1 - rate))), note
+
+
 def apply_platt(logits: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Calibrated probabilities, float32: sigmoid(a * logit + b) per column (numerically stable)."""
     z = np.asarray(logits, np.float64) * np.asarray(a, np.float64) + np.asarray(b, np.float64)

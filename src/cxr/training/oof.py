@@ -18,21 +18,6 @@ from cxr.evaluation import calibration as C
 from cxr.evaluation import metrics
 
 
-def _platt(z: np.ndarray, y: np.ndarray, name: str) -> tuple[float, float, str | None]:
-    """(a, b, note). Where a slope cannot be fitted (too few films of a class) or comes out negative (the
-    model ranks the finding backwards out of fold), the model says the finding's base rate, flat: what
-    it knows, rather than an uncalibrated number. Such a finding is not assessed (its AUC CI says so)."""
-    try:
-        a, b = C.fit_platt(z, y, name)
-        if a > 0:
-            return a, b, None
-        note = "out-of-fold scores rank it no better than chance; the model gives its base rate"
-    except C.CalibrationError as e:
-        note = f"{e} The model gives its base rate."
-    rate = (float(np.sum(y)) + 0.5) / (len(y) + 1.0)  # smoothed: a finding never seen is rare, not impossible
-    return 0.0, float(np.log(rate / (1 - rate))), note
-
-
 def _calibrated(z, p, fit) -> np.ndarray:
     return p.astype(np.float32) if fit is None else C.apply_platt(z, fit[0], fit[1])
 
@@ -52,7 +37,7 @@ def fit_from_oof(oof: dict, findings: Sequence[str], policy: str, *, folds: int,
     fits, thresholds, notes = {}, {}, {}
     p_cal = np.empty_like(p)
     for j, f in enumerate(findings):
-        fits[f] = None if softmax else _platt(z[:, j], y[:, j], f)
+        fits[f] = None if softmax else C.fit_or_base_rate(z[:, j], y[:, j], f)
         p_cal[:, j] = _calibrated(z[:, j], p[:, j], fits[f])
         thresholds[f], note = _threshold(y[:, j], p_cal[:, j], policy, f)
         note = (fits[f] and fits[f][2]) or note
@@ -71,7 +56,7 @@ def _cross_fitted(oof: dict, findings, policy: str, folds: int, softmax: bool) -
     for k in range(folds):
         mine, rest = fold == k, fold != k
         for j, f in enumerate(findings):
-            fit = None if softmax else _platt(z[rest, j], y[rest, j], f)
+            fit = None if softmax else C.fit_or_base_rate(z[rest, j], y[rest, j], f)
             t, _ = _threshold(y[rest, j], _calibrated(z[rest, j], p[rest, j], fit), policy, f)
             crossed[mine, j] = _calibrated(z[mine, j], p[mine, j], fit)
             flags[mine, j] = crossed[mine, j] >= t
