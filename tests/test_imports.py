@@ -239,6 +239,7 @@ def test_jrzech_pickle_needs_trust_and_then_equals(chexnet_reference, tmp_path):
     ours = np.array([[p.probabilities[f] for f in FINDINGS] for p in Predictor(out, backend="torch").predict(films)])
     diff = np.abs(ours - theirs).max()
     print(f"reproduce-chexnet parity: max |dp| = {diff:.2e} over {len(films)} films x 14 outputs")
+    assert theirs.std() > 0.02, "outputs saturated: the comparison would prove nothing"
     assert diff <= TOL
     raw = out.read_bytes()
     assert b"torchvision.models" not in raw  # no pickle left in the output

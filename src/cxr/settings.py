@@ -51,6 +51,27 @@ def model_from_env() -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+def serve_options() -> dict:
+    """$CXR_SERVE_OPTIONS: the JSON of `cxr serve`'s options, which it sets for its --workers processes."""
+    import json
+
+    raw = _env("CXR_SERVE_OPTIONS")
+    try:
+        options = json.loads(raw) if raw else {}
+    except ValueError:
+        raise CxrError(f"$CXR_SERVE_OPTIONS is not JSON ({raw[:80]!r}); unset it, `cxr serve` sets it") from None
+    if not isinstance(options, dict):
+        raise CxrError("$CXR_SERVE_OPTIONS must be a JSON object; unset it, `cxr serve` sets it")
+    return options
+
+
+def set_serve_options(options: dict) -> None:
+    """For `cxr serve --workers`: the options its spawned worker processes read back (serve_options)."""
+    import json
+
+    os.environ["CXR_SERVE_OPTIONS"] = json.dumps(options)
+
+
 def cache_dir() -> Path:
     """Where exported ONNX models are cached: $CXR_CACHE, else $XDG_CACHE_HOME/cxr, else ~/.cache/cxr."""
     env = _env("CXR_CACHE")

@@ -112,7 +112,7 @@ def _save_heatmaps(folder: Path, key: str, path: Path, pred) -> None:
     """One overlay PNG per finding: FOLDER/<film name without suffix>/<Finding>.png (never outside FOLDER)."""
     from PIL import Image
 
-    from cxr.explain import gradcam as explain
+    from cxr.explain import maps as explain
     from cxr import images
     rel = Path(key).with_suffix("")
     target = folder.joinpath(*(part for part in rel.parts if part not in ("..", ".", rel.anchor)))

@@ -27,55 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr.data import transforms
-from cxr.errors import CxrError
+from cxr.explain.maps import (  # noqa: F401 - re-exported: the torch-free half of explaining
+    ExplainError,
+    _softmax,
+    colorize,
+    default_targets,
+    file_stem,
+    overlay,
+    target_indices,
+)
 from cxr.inference import preprocess as convention
-from cxr.findings import DISPLAY_NAMES, canonical
 
 METHODS = ("gradcam", "guided-backprop", "guided-gradcam")
 GUIDED_CHUNK = 8  # (film, target) pairs per full backward of a guided method: bounds the memory used
-
-
-class ExplainError(CxrError):
-    """A heatmap cannot be made as asked: unknown method or finding, or a model in training mode."""
-
-
-# ------------------------------------------------------------------------------------------- targets
-
-
-def _softmax(meta) -> bool:
-    return meta is not None and meta.activation == "softmax"
-
-
-def default_targets(meta, num_outputs: int) -> list[int]:
-    """Every output of a multilabel model; the positive class (1) of the 2-class pneumothorax model."""
-    return [1] if _softmax(meta) else list(range(num_outputs))
-
-
-def target_indices(meta, findings: str | Sequence[str] = "all") -> list[int]:
-    """Output indices for finding names (any common spelling) or "all" (see default_targets)."""
-    if isinstance(findings, str):
-        if findings.strip().lower() == "all":
-            return default_targets(meta, len(meta.outputs))
-        findings = [findings]
-    out = []
-    for name in findings:
-        try:
-            name = canonical(name)
-        except ValueError as e:
-            raise ExplainError(str(e)) from None
-        wanted = [i for i, o in enumerate(meta.outputs) if o == name]
-        if not wanted or (_softmax(meta) and wanted != [1]):
-            readable = meta.outputs[1:] if _softmax(meta) else meta.outputs
-            raise ExplainError(f"this model has no output for {name}; it reads: {', '.join(readable)}")
-        out.append(wanted[0])
-    if not out:
-        raise ExplainError("no finding to explain: name at least one, or 'all'")
-    return out
-
-
-def file_stem(finding: str) -> str:
-    """A finding's display spelling, safe as a file name: 'Pleural_Thickening' -> 'Pleural-thickening'."""
-    return DISPLAY_NAMES.get(finding, finding).replace(" ", "-").replace("/", "-")
 
 
 def _scores(logits: torch.Tensor, softmax: bool) -> torch.Tensor:
@@ -244,29 +208,6 @@ def upsample(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Te
     up = F.interpolate(flat, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
     up = normalise(up.clamp_min(0)).reshape(*lead, *up.shape[-2:])
     return up.numpy() if is_numpy else up
-
-
-def colorize(heatmap: np.ndarray, cmap: str = "jet") -> np.ndarray:
-    """H x W in [0, 1] -> H x W x 3 uint8 through a matplotlib colormap (jet, as in the paper's figures)."""
-    import matplotlib
-
-    rgba = matplotlib.colormaps[cmap](np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0))
-    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
-
-
-def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
-    """The film (H x W in [0, 1]) with the coloured heatmap blended over it: H x W x 3 uint8 at the film's
-    size (the heatmap is upsampled to it when smaller)."""
-    gray = np.asarray(gray, dtype=np.float32)
-    if gray.ndim != 2:
-        raise ExplainError(f"overlay needs a 2-D gray film, got shape {gray.shape}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ExplainError(f"alpha must lie in [0, 1], got {alpha}")
-    if heatmap.shape != gray.shape:
-        heatmap = upsample(np.asarray(heatmap, dtype=np.float32), gray.shape)
-    film = np.repeat(np.clip(gray, 0.0, 1.0)[..., None] * 255.0, 3, axis=-1)
-    blend = (1.0 - alpha) * film + alpha * colorize(heatmap, cmap).astype(np.float32)
-    return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -4,7 +4,9 @@ Every caller that scores films (the Predictor, hence `cxr predict`, the API, `cx
 fit) goes through one of these, each held to a stated max abs difference in probability from fp32 eager
 torch (TOLERANCE; measured figures in docs/BENCHMARKS.md):
 
-- "onnx": ONNX Runtime fp32 on the exported graph (cxr.inference.export; cached per checkpoint).
+- "onnx": ONNX Runtime fp32 on the exported graph (cxr.inference.export; cached per checkpoint). A
+  checkpoint with fresh artefacts skips this module: the Predictor runs cxr.inference.artefacts.Runtime,
+  which needs no torch.
 - "torch": eager torch, channels_last; fp32 unless bf16 is asked for (cxr.inference.runtime).
 - "auto": "onnx" when onnxruntime is installed, else "torch".
 
@@ -13,7 +15,8 @@ torch (TOLERANCE; measured figures in docs/BENCHMARKS.md):
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +24,7 @@ import torch
 
 from cxr.errors import CxrError, ModelError
 from cxr.inference import runtime
-
-BACKENDS = ("auto", "onnx", "torch")
-TOLERANCE = {"onnx": 1e-4, "torch": 1e-4}  # max abs diff in probability vs fp32 eager torch
+from cxr.inference.runtime import BACKENDS, TOLERANCE, resolve_backend  # noqa: F401 - their old home
 
 
 def pooled(fmap: torch.Tensor) -> torch.Tensor:
@@ -31,12 +32,25 @@ def pooled(fmap: torch.Tensor) -> torch.Tensor:
     return fmap.float().mean(dim=(2, 3))
 
 
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise CxrError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
-    return backend
+@contextlib.contextmanager
+def arithmetic(precision: str, device_type: str = "cpu") -> Iterator[None]:
+    """Run the enclosed forward pass in `precision` on `device_type`."""
+    if precision == "bf16":
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    elif device_type == "cuda":
+        cudnn = torch.backends.cudnn
+        matmul = torch.backends.cuda.matmul
+        was = matmul.allow_tf32
+        matmul.allow_tf32 = False  # process-wide; restored below (TF32 is off by default for matmuls anyway)
+        try:
+            with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                             deterministic=cudnn.deterministic, allow_tf32=False):
+                yield
+        finally:
+            matmul.allow_tf32 = was
+    else:
+        yield
 
 
 class TorchBackend:
@@ -53,7 +67,7 @@ class TorchBackend:
 
     def __call__(self, x: np.ndarray, *, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-        with torch.inference_mode(), runtime.arithmetic(precision or self.precision, self.device.type):
+        with torch.inference_mode(), arithmetic(precision or self.precision, self.device.type):
             fmap = self.model.features(t.contiguous(memory_format=torch.channels_last))
             logits = self.model.classify(fmap)
         return logits.float().cpu().numpy(), pooled(fmap).cpu().numpy()

@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from cxr import settings as config
 from cxr.errors import CxrError, ModelError
@@ -139,25 +138,35 @@ class Stats:
         inside = (z**2 / self.variances).sum(axis=1)
         return np.sqrt((inside + np.maximum(resid, 0.0) / self.residual) / xc.shape[1])
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The statistics as float32 arrays under "gate." names: the checkpoint's extra tensors (nets.save
+        takes numpy)."""
         arrays = {"mean": self.mean, "components": self.components, "variances": self.variances,
                   "residual": np.array([self.residual])}
-        return {self.PREFIX + k: torch.from_numpy(np.asarray(v)).float() for k, v in arrays.items()}
+        return {self.PREFIX + k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
 
     @classmethod
-    def from_tensors(cls, extra: dict[str, torch.Tensor]) -> Stats | None:
+    def from_tensors(cls, extra: dict) -> Stats | None:
+        """From a checkpoint's extra tensors: numpy (the torch-free runtime reads them so) or torch."""
         p = cls.PREFIX
         names = ("mean", "components", "variances", "residual")
         if not all(p + n in extra for n in names):
             return None
-        t = {n: extra[p + n].double().numpy() for n in names}
+        t = {n: _numpy(extra[p + n]) for n in names}
         return cls(t["mean"], t["components"], t["variances"], float(t["residual"].reshape(-1)[0]))
+
+
+def _numpy(value) -> np.ndarray:
+    """float64 numpy from a numpy array or a torch tensor, without importing torch."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
 
 
 class Gate:
     """The image checks plus, when the checkpoint has them, the fitted statistics and threshold."""
 
-    def __init__(self, meta, extra: dict[str, torch.Tensor], num_features: int):
+    def __init__(self, meta, extra: dict, num_features: int):
         self.stats = Stats.from_tensors(extra) if meta.gate else None
         self.threshold = float(meta.gate.get("threshold", 0.0)) if self.stats is not None else None
         if meta.gate and self.stats is None:
@@ -206,7 +215,7 @@ def split(names: Sequence[str], calibration_fraction: float,
 def fit(predictor, films: Sequence[str | os.PathLike], *, dims: int = 64, percentile: float = 99.0,
         margin: float = 1.1, calibration_fraction: float = 0.35, max_films: int | None = 4000,
         low_res: int = config.MIN_SIDE,
-        progress: Callable[[int], None] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        progress: Callable[[int], None] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Fit the gate on real films with a `cxr.inference.predictor.Predictor` (its backend computes the features).
 
     Returns (meta.gate, extra tensors). Films are split by hashed file name into fit and calibration

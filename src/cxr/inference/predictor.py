@@ -3,7 +3,13 @@
 file or bytes -> images.read_film (one decode) -> gate.image_check -> pipeline.preprocess -> a backend
 (logits and pooled features, one pass) -> gate distance -> per-finding probabilities (independent
 sigmoids, never renormalised; P(Pneumothorax) alone for the 2-class model; cxr.tasks says which) ->
-optional Grad-CAM heatmaps (cxr.explain.gradcam).
+optional Grad-CAM heatmaps.
+
+Two engines do the network's part. A checkpoint with fresh ONNX artefacts (`cxr export`) runs through
+cxr.inference.artefacts.Runtime: onnxruntime + numpy, probabilities, the gate's features and Grad-CAM for
+every finding from one graph, and torch is never imported. Otherwise, and for what needs it (bf16, CUDA,
+backend "torch", a model handed over in memory), cxr.inference.torchpath imports torch; a checkpoint that
+could have run without it says so once, with what to run.
 
 `probabilities_of` is the same backends and preprocessing without the gate, for labelled films that
 `cxr evaluate` scores: the evaluated model is the model users run. Arithmetic is fp32 unless bf16 is
@@ -13,21 +19,21 @@ docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cxr import images
-from cxr import nets as M
 from cxr.errors import CxrError
 from cxr.evaluation.calibration import assessments
-from cxr.inference import gate, pipeline, runtime
+from cxr.explain import maps as heat
+from cxr.inference import artefacts, gate, pipeline, runtime
 from cxr.inference import preprocess as convention
-from cxr.inference.backends import BACKENDS, TOLERANCE, make_backend, pooled, resolve_backend
+from cxr.inference.runtime import BACKENDS, TOLERANCE, resolve_backend
 from cxr.inference.stability import Stability
 from cxr.tasks import get_task, probabilities
 
@@ -35,6 +41,8 @@ __all__ = ["BACKENDS", "TOLERANCE", "Prediction", "Predictor", "resolve_backend"
 
 Source = pipeline.Source
 Gray = np.ndarray | Callable[[], np.ndarray]  # a decoded film, or how to read one (in a decode thread)
+log = logging.getLogger("cxr.inference")
+_noted: set[str] = set()  # checkpoints already told they run on torch for want of artefacts (once a process)
 
 
 @dataclass
@@ -90,51 +98,64 @@ class Predictor:
     def __init__(self, model: str | Path | None = None, *, backend: str = "auto", batch_size: int = 16,
                  threads: int | None = None, precision: str = runtime.DEFAULT_PRECISION, device: str = "cpu",
                  workers: int | None = None):
-        path = M.resolve_model(model)  # a path, a name from `cxr models`, or None (the bundled model)
-        net, meta = M.load_model(path)
-        self._setup(net, meta, M.load_extra(path), path, backend=backend, batch_size=batch_size, threads=threads,
-                    precision=precision, device=device, workers=workers)
+        path = artefacts.resolve_model(model)  # a path, a name from `cxr models`, or None (the bundled model)
+        name = "torch" if backend == "auto" and precision != "fp32" else resolve_backend(backend)
+        runtime.check_precision(precision, name)
+        why = "backend torch" if name == "torch" else None if str(device) == "cpu" else f"device {device}"
+        stale = artefacts.stale_reason(path) if why is None else None
+        if why is None and stale is None:
+            rt = artefacts.Runtime(path, threads=threads, check=False)  # checked just now
+            engine, meta, extra = _RuntimeEngine(rt), rt.meta, rt.extra
+        else:
+            from cxr.inference import torchpath
+
+            if stale is not None:
+                _note_once(path, stale)
+            net, meta = torchpath.load(path)
+            extra = artefacts.read_checkpoint_header(path)[1]
+            engine = torchpath.TorchEngine(net, meta, backend=name, path=path, threads=threads,
+                                           precision=precision, device=device)
+        self._setup(engine, meta, extra, path, backend=name, batch_size=batch_size, threads=threads,
+                    precision=precision, workers=workers)
 
     @classmethod
-    def from_model(cls, net: torch.nn.Module, meta, *, extra: dict | None = None, backend: str = "torch",
+    def from_model(cls, net, meta, *, extra: dict | None = None, backend: str = "torch",
                    batch_size: int = 16, threads: int | None = None, precision: str = runtime.DEFAULT_PRECISION,
                    device: str = "cpu", workers: int | None = None) -> Predictor:
         """A Predictor around a model already in memory (a training run's, a test's). Without `extra`
         (the gate's statistics) the gate's feature distance is off; its image checks still run."""
+        from cxr.inference import torchpath
+
         self = cls.__new__(cls)
         if extra is None and meta.gate:
             import dataclasses
             meta = dataclasses.replace(meta, gate={})
-        self._setup(net, meta, extra or {}, None, backend=backend, batch_size=batch_size, threads=threads,
-                    precision=precision, device=device, workers=workers)
+        # bf16 runs on torch only: "auto" picks torch for it rather than refusing.
+        name = "torch" if backend == "auto" and precision != "fp32" else resolve_backend(backend)
+        runtime.check_precision(precision, name)
+        engine = torchpath.TorchEngine(net, meta, backend=name, path=None, threads=threads, precision=precision,
+                                       device=device)
+        self._setup(engine, meta, extra or {}, None, backend=name, batch_size=batch_size, threads=threads,
+                    precision=precision, workers=workers)
         return self
 
-    def _setup(self, net, meta, extra: dict, path: Path | None, *, backend: str, batch_size: int,
-               threads: int | None, precision: str, device: str, workers: int | None) -> None:
+    def _setup(self, engine, meta, extra: dict, path: Path | None, *, backend: str, batch_size: int,
+               threads: int | None, precision: str, workers: int | None) -> None:
         if batch_size < 1:
             raise CxrError(f"batch_size must be at least 1, got {batch_size}")
-        if threads:
-            torch.set_num_threads(int(threads))  # process-wide: torch has no per-model thread count
-        self.path, self.model, self.meta = path, net, meta
-        self.gate = gate.Gate(meta, extra, net.body.num_features)
+        self.path, self.meta, self._engine = path, meta, engine
+        self.model = engine.model  # the torch network, or None on the torch-free runtime
+        self.torch_free = isinstance(engine, _RuntimeEngine)
+        self.gate = gate.Gate(meta, extra, engine.num_features)
         self.batch_size, self.threads = int(batch_size), threads
-        # bf16 runs on torch only: "auto" picks torch for it rather than refusing.
-        self.backend = "torch" if backend == "auto" and precision != "fp32" else resolve_backend(backend)
-        self.precision = runtime.check_precision(precision, self.backend)
-        self._run = convention.with_tta(make_backend(self.backend, net, meta, path=path, threads=threads,
-                                                     precision=precision, device=device), meta)
+        self.backend, self.precision = backend, precision
+        self._run = convention.with_tta(engine.run, meta)
         self.measured = runtime.Measured(precision) if precision != "fp32" else None
         task = get_task(meta.task)
         self.task = task
         self.findings, self._columns = list(task.reported), list(task.columns)
         self.assessed = assessments(meta)  # finding -> (assessed, why not): fixed for the model's life
         self._workers = workers or pipeline.default_workers()  # decoding threads
-        # The heatmap pass reads the body's feature map for the gate through this per-thread tap.
-        self._tap = threading.local()
-
-    def _capture(self, module, inputs, output) -> None:
-        if getattr(self._tap, "on", False):
-            self._tap.fmap = output.detach()
 
     # ------------------------------------------------------------------------------------ public
 
@@ -252,7 +273,7 @@ class Predictor:
                 if progress:
                     progress(len(xs) // (2 if low_res else 1))
                 xs = []
-        width = self.model.body.num_features
+        width = self._engine.num_features
         return (np.concatenate(rows) if rows else np.empty((0, width), np.float32)), skipped
 
     # --------------------------------------------------------------------------------- internals
@@ -273,8 +294,7 @@ class Predictor:
     def _heatmap_targets(self, heatmaps: bool | Sequence[str]) -> list[int]:
         if heatmaps is False or heatmaps is None or (not isinstance(heatmaps, (bool, str)) and not len(heatmaps)):
             return []
-        from cxr.explain import gradcam as explain
-        return explain.target_indices(self.meta, "all" if heatmaps is True else heatmaps)
+        return heat.target_indices(self.meta, "all" if heatmaps is True else heatmaps)
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, pooled features) from the backend. With a faster precision, the first batch_size films
@@ -286,24 +306,14 @@ class Predictor:
         return logits, feats
 
     def _forward_with_maps(self, x: np.ndarray,
-                           targets: list[int]) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+                           targets: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(logits, pooled features, Grad-CAM maps or None): one pass through the body either way."""
         if not targets:
             return *self._forward(x), None
         if x.ndim == 5:  # ten crops: scores from all of them, heatmaps from the centre crop (TenCrop's fifth)
             logits, feats = self._forward(x)
             return logits, feats, self._forward_with_maps(np.ascontiguousarray(x[:, 4]), targets)[2]
-        from cxr.explain import gradcam as explain
-        device = next(self.model.parameters()).device
-        hook = self.model.body.register_forward_hook(self._capture)  # per call: no hooks left on the model
-        self._tap.on = True
-        try:
-            logits, cams = explain.gradcam(self.model, torch.from_numpy(x).to(device), targets, meta=self.meta)
-            fmap = self._tap.fmap
-        finally:
-            self._tap.on, self._tap.fmap = False, None
-            hook.remove()
-        return logits.float().cpu().numpy(), pooled(fmap).cpu().numpy(), cams.cpu()
+        return self._engine.with_maps(x, targets)
 
     def _infer(self, batch: list[pipeline.Decoded], targets: list[int], *,
                heatmap_max_side: int | None = None) -> list[Prediction]:
@@ -339,13 +349,12 @@ class Predictor:
         for k, f in enumerate(films):
             results[f.index].stability = stability.measure(probs[row[f.index]], pv[k], self._columns)
 
-    def _heatmaps(self, cams: torch.Tensor, shape: tuple[int, int], targets: list[int],
+    def _heatmaps(self, cams: np.ndarray, shape: tuple[int, int], targets: list[int],
                   max_side: int | None) -> dict[str, np.ndarray]:
-        from cxr.explain import gradcam as explain
         h, w = shape
         scale = 1.0 if not max_side else min(1.0, max_side / max(h, w))
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        full = explain.upsample(cams.numpy(), size)  # the film was squashed to a square: unsquash
+        full = heat.upsample(cams, size)  # the film was squashed to a square: unsquash
         return {self.meta.outputs[t]: full[k].astype(np.float32, copy=False) for k, t in enumerate(targets)}
 
     def _prediction(self, film: pipeline.Decoded, probs: np.ndarray, score: float | None, reason: str | None,
@@ -358,3 +367,30 @@ class Predictor:
         why = {f: self.assessed[f][1] for f in self.findings if not ok[f]}
         return Prediction(film.name, p, t, {f: ok[f] and p[f] >= t[f] for f in self.findings}, ok, why,
                           gate_score=score, size=film.size, heatmaps=maps)
+
+
+class _RuntimeEngine:
+    """A checkpoint's ONNX artefacts (artefacts.Runtime) behind the engine interface of torchpath.TorchEngine."""
+
+    model = None
+
+    def __init__(self, rt: artefacts.Runtime):
+        self.runtime, self.num_features = rt, rt.num_features
+
+    def run(self, x: np.ndarray, *, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.runtime.classify(x)  # fp32 always: the Runtime is only chosen for fp32
+
+    def with_maps(self, x: np.ndarray, targets: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.runtime.classify_with_cams(x, targets)
+
+
+_note_lock = threading.Lock()
+
+
+def _note_once(path: Path, why: str) -> None:
+    """Say once per checkpoint and process that it runs on torch for want of fresh artefacts, and the fix."""
+    with _note_lock:
+        if str(path) in _noted:
+            return
+        _noted.add(str(path))
+    log.warning("cxr: running %s with torch (slower to start, ~1 GB more memory): %s", path, why)

@@ -14,8 +14,7 @@ AVX512-BF16. See docs/BENCHMARKS.md for the measured speed and error of bf16 on 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,17 @@ from cxr.errors import CxrError
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_PRECISION = "fp32"
+BACKENDS = ("auto", "onnx", "torch")
+TOLERANCE = {"onnx": 1e-4, "torch": 1e-4}  # max abs diff in probability vs fp32 eager torch
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" -> "onnx" when onnxruntime is installed, else "torch"; the others as given (checked)."""
+    if backend not in BACKENDS:
+        raise CxrError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "onnx" if importlib.util.find_spec("onnxruntime") else "torch"
+    return backend
 
 
 def check_precision(precision: str, backend: str | None = None) -> str:
@@ -47,29 +57,6 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-@contextlib.contextmanager
-def arithmetic(precision: str, device_type: str = "cpu") -> Iterator[None]:
-    """Run the enclosed forward pass in `precision` on `device_type`."""
-    import torch
-
-    if precision == "bf16":
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            yield
-    elif device_type == "cuda":
-        cudnn = torch.backends.cudnn
-        matmul = torch.backends.cuda.matmul
-        was = matmul.allow_tf32
-        matmul.allow_tf32 = False  # process-wide; restored below (TF32 is off by default for matmuls anyway)
-        try:
-            with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                             deterministic=cudnn.deterministic, allow_tf32=False):
-                yield
-        finally:
-            matmul.allow_tf32 = was
-    else:
-        yield
 
 
 @dataclass

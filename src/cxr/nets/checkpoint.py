@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxr import settings as config
 from cxr.errors import ModelError
 from cxr.meta import ModelMeta
 from cxr.nets.head import CxrNet
@@ -152,21 +151,10 @@ BUNDLED_NAME = "bundled"  # what `cxr models` lists the bundled model as
 
 
 def resolve_model(spec: str | os.PathLike | None = None) -> Path:
-    """The checkpoint file --model means, for every command: None or "bundled" -> the bundled model; an
-    existing file -> itself; a bare name -> NAME.safetensors in the models folder (`cxr models` lists them)."""
-    if spec is None or str(spec) in (BUNDLED_NAME, config.BUNDLED_MODEL.stem):
-        if not config.BUNDLED_MODEL.is_file():
-            raise ModelError(f"no bundled model in this installation (expected {config.BUNDLED_MODEL}); "
-                             "pass a checkpoint with --model PATH, or train one with `cxr train`")
-        return config.BUNDLED_MODEL
-    path = Path(spec).expanduser()
-    if path.exists() or path.parent != Path(".") or path.suffix:
-        return path  # a path (a missing one is reported by whoever opens it, naming it)
-    named = config.models_dir() / f"{path.name}.safetensors"
-    if named.is_file():
-        return named
-    raise ModelError(f"--model {spec}: no such file, and no model named {path.name!r} in {config.models_dir()} "
-                     "(`cxr models` lists the names; `cxr import` adds models there)")
+    """The checkpoint file --model means (cxr.inference.artefacts.resolve_model: the torch-free runtime needs it)."""
+    from cxr.inference.artefacts import resolve_model as resolve
+
+    return resolve(spec)
 
 
 def load_model(spec: str | os.PathLike | None = None) -> tuple[CxrNet, ModelMeta]:

@@ -176,18 +176,8 @@ def heatmap_png(heat: np.ndarray) -> str:
 
 
 def colorize_rgb(heat: np.ndarray) -> np.ndarray:
-    """uint8 H x W x 3: cxr.explain.gradcam's colormap when it has one, so the page matches the CLI's figures."""
-    try:
-        from cxr.explain.gradcam import colorize
-    except ImportError:  # explain not installed in this build: the conventional Grad-CAM colormap
-        colorize = None
-    if colorize is not None:
-        out = np.asarray(colorize(heat))
-    else:
-        from matplotlib import colormaps
+    """uint8 H x W x 3 through cxr.explain.maps' jet table (matplotlib's jet, without matplotlib), so the page
+    matches the CLI's figures."""
+    from cxr.explain.maps import colorize
 
-        out = colormaps["jet"](heat)
-    out = out[..., :3]
-    if out.dtype != np.uint8:
-        out = np.clip(np.asarray(out, np.float32) * 255 + 0.5, 0, 255).astype(np.uint8)
-    return out
+    return colorize(heat)
