@@ -3,6 +3,16 @@
 #   docker build -t cxr .
 #   docker run --rm -p 8000:8000 cxr            # then http://127.0.0.1:8000
 #   docker run --rm -e PORT=5000 -p 5000:5000 cxr
+# The offline page's browser runtime (onnxruntime-web's WASM build, dicom-parser), from npm at the versions
+# package-lock.json pins: `npm ci` refuses any tarball whose sha512 differs from the lock. The same files
+# scripts/vendor_web.py copies for a checkout; no CDN at run time.
+FROM node:20-slim AS webvendor
+WORKDIR /v
+COPY package.json package-lock.json ./
+RUN npm ci --ignore-scripts --no-audit --no-fund && mkdir out \
+ && cp node_modules/onnxruntime-web/dist/ort.wasm.min.js node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs \
+       node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm node_modules/dicom-parser/dist/dicomParser.min.js out/
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,9 +30,11 @@ WORKDIR /app
 # Installed size of the site-packages this writes: see docs/DEPLOY.md ("Docker").
 COPY requirements.lock pyproject.toml README.md ./
 COPY src ./src
+COPY --from=webvendor /v/out/ ./src/cxr/web/static/vendor/
 RUN pip install -c requirements.lock . && rm -rf src build && python -c "from cxr import settings; \
 from cxr.inference import artefacts; assert settings.BUNDLED_MODEL.is_file() \
-and (settings.STATIC_DIR / 'index.html').is_file() and artefacts.has_fresh_artefacts(settings.BUNDLED_MODEL)"
+and (settings.STATIC_DIR / 'index.html').is_file() \
+and (settings.STATIC_DIR / 'vendor' / 'ort-wasm-simd-threaded.wasm').is_file() and artefacts.has_fresh_artefacts(settings.BUNDLED_MODEL)"
 
 # Optional: --build-arg WITH_TORCH=1 adds CPU torch (the PyTorch CPU index: PyPI's x86_64 torch is the CUDA
 # build, several GB) for models without ONNX artefacts; about 1 GB more per replica. Off by default.

@@ -24,3 +24,12 @@ if [ ! -f "$stamp" ] || [ requirements.lock -nt "$stamp" ] || [ pyproject.toml -
   .venv/bin/python -m pip install -q --no-deps -e .
   touch "$stamp"
 fi
+
+# The offline page's browser runtime (onnxruntime-web, dicom-parser): from npm, pinned and sha512-checked
+# against package-lock.json, copied into the package's static files (gitignored: 14 MB of WASM).
+command -v npm >/dev/null || need_npm=1
+if [ "${need_npm:-0}" = 1 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm >/dev/null
+fi
+.venv/bin/python scripts/vendor_web.py

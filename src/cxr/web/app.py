@@ -30,13 +30,18 @@ STATIC_DIR = config.STATIC_DIR  # through importlib.resources: an installed whee
 NOT_CLINICAL = "Research software, not for clinical use: it does not replace a radiologist."
 
 SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+    # 'wasm-unsafe-eval' lets the offline page compile onnxruntime-web's WASM (its own files: no CDN);
+    # COEP with COOP makes the page cross-origin isolated, which WASM threads (SharedArrayBuffer) need.
+    (b"content-security-policy", b"default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; "
+                                 b"worker-src 'self' blob:; img-src 'self' data: blob:; object-src 'none'; "
                                  b"base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
     (b"permissions-policy", b"camera=(self), microphone=(), geolocation=()"),
     (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-embedder-policy", b"require-corp"),
+    (b"cross-origin-resource-policy", b"same-origin"),
 ]
 
 

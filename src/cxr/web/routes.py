@@ -6,17 +6,19 @@ documents them all; tests/test_openapi.py holds the app to that with schemathesi
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Sequence
 
-from fastapi import APIRouter, Depends, Query
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from cxr import images
 from cxr import settings as config
 from cxr.findings import canonical
-from cxr.inference import pipeline
+from cxr.inference import artefacts, pipeline
 from cxr.web import render
 from cxr.web.deps import UPLOAD_BODY, AdmittedUpload, PredictorDep, ServedDep, get_served
 from cxr.web.errors import FILM_REFUSALS, INTERNAL, INVALID_REQUEST, UPLOAD_REFUSALS, ApiError, image_error, merged
@@ -171,3 +173,90 @@ def parse_heatmaps(value: str | None, outputs: Sequence[str]) -> bool | list[str
         if name not in names:
             names.append(name)
     return names or False
+
+
+# --- the installable, offline page: its manifest, service worker, and what it needs to read on the device ----
+
+
+@router.get("/manifest.webmanifest", include_in_schema=False)
+def manifest() -> FileResponse:
+    return FileResponse(config.STATIC_DIR / "manifest.webmanifest", media_type="application/manifest+json")
+
+
+@router.get("/sw.js", include_in_schema=False)
+def service_worker() -> FileResponse:
+    # Served from the root so that its scope is the whole page; no-cache so a new version is seen at once.
+    return FileResponse(config.STATIC_DIR / "sw.js", media_type="text/javascript",
+                        headers={"cache-control": "no-cache", "service-worker-allowed": "/"})
+
+
+@router.get("/offline/model.json", include_in_schema=False)
+def offline_model(request: Request, served: ServedDep) -> JSONResponse:
+    """Everything the page needs to read a film on the device as the server does (or why it cannot)."""
+    state = request.app.state
+    if getattr(state, "offline_config", None) is None:
+        state.offline_config = offline_config(state.predictor, served)
+    return JSONResponse(state.offline_config, headers={"cache-control": "no-cache"})
+
+
+@router.get("/offline/model.onnx", include_in_schema=False)
+def offline_graph(request: Request, served: ServedDep) -> FileResponse:
+    offline_model(request, served)  # builds and caches the config: the graph is served only when usable
+    state = request.app.state
+    if not state.offline_config.get("available"):
+        raise ApiError(404, "not_found", f"No on-device model: {state.offline_config.get('why')}.")
+    graph = artefacts.paths(state.predictor.path).graph
+    return FileResponse(graph, media_type="application/octet-stream", headers={"cache-control": "no-cache"})
+
+
+def _f32(a) -> str:
+    """A float array as base64 of its little-endian float32 bytes: a tenth of the JSON text of its numbers."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
+
+
+def offline_config(predictor, served) -> dict:
+    """What ondevice.js reproduces: preprocessing, capture (orientation), the gate, probabilities, verdicts."""
+    from cxr.explain.maps import JET
+    from cxr.images import capture as camera
+    from cxr.inference import gate as gates
+    from cxr.inference import preprocess as convention
+    from cxr.tasks import get_task
+
+    meta = predictor.meta
+    why = _offline_unavailable(predictor, meta, convention)
+    if why:
+        return {"available": False, "why": why}
+    task = get_task(meta.task)
+    path = artefacts.paths(predictor.path)
+    stats, g = predictor.gate.stats, predictor.gate
+    weights, mean, scale = camera._scorer()  # the orientation scorer the capture stage runs
+    platt = meta.platt
+    return {
+        "available": True, "version": artefacts.sha256(path.graph)[:16], "model": served.summary.model_dump(),
+        "card": served.card.model_dump(), "input_size": int(meta.input_size),
+        "mean": [float(v) for v in meta.mean], "std": [float(v) for v in meta.std],
+        "columns": [int(c) for c in task.columns], "findings": list(task.reported),
+        "platt": [[float(v) for v in platt[0]], [float(v) for v in platt[1]]] if platt else None,
+        "gate": None if stats is None else {
+            "threshold": g.threshold, "mean": _f32(stats.mean), "components": _f32(stats.components),
+            "dims": int(stats.components.shape[1]), "variances": _f32(stats.variances), "residual": stats.residual},
+        "checks": {"refusal": gates.REFUSAL, "max_colourfulness": gates.MAX_COLOURFULNESS,
+                   "min_std": gates.MIN_STD, "max_aspect": gates.MAX_ASPECT,
+                   "max_flat_share": gates.MAX_FLAT_SHARE, "sample_side": gates._SAMPLE_SIDE},
+        "orientation": {"weights": _f32(weights), "mean": _f32(mean), "scale": _f32(scale), "thumb": camera.THUMB,
+                        "work_side": camera._WORK_SIDE, "min_confidence": pipeline.MIN_ORIENTATION_CONFIDENCE},
+        "jet": JET.astype(int).ravel().tolist(), "heatmap_max_side": render.HEATMAP_MAX_SIDE,
+        "heat_max_alpha": render.HEAT_MAX_ALPHA, "preview_max_side": render.PREVIEW_MAX_SIDE,
+    }
+
+
+def _offline_unavailable(predictor, meta, convention) -> str | None:
+    """Why this model cannot be read on the device (the page then stays in server mode), or None."""
+    if predictor.path is None:
+        return "the served model is in memory only (no checkpoint file to export)"
+    if convention.custom(meta):
+        return f"the model uses {meta.convention!r} preprocessing, which only the server reproduces"
+    stale = artefacts.stale_reason(predictor.path)
+    if stale:
+        return f"no fresh ONNX artefacts ({stale})"
+    return None

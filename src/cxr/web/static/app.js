@@ -53,6 +53,17 @@ function showRefusal(message) {
   $("refusal").scrollIntoView({ block: "nearest" });
 }
 
+function mode() {
+  const device = $("mode-device");
+  return device && device.checked && !device.disabled ? "device" : "server";
+}
+
+const WHERE = {
+  device: "Read on this device: the film never left it. The search for a film on a light box runs on the server " +
+    "only, so here the whole picture is read as the film: for a photo, fill the frame with the film (or use the server).",
+  server: "Read on the server.",
+};
+
 async function upload(file) {
   if (!file) return;
   if (pending) pending.abort();
@@ -60,6 +71,10 @@ async function upload(file) {
   clearMessages();
   $("results").hidden = true;
   setStatus("Reading the film\u2026", true);
+  if (mode() === "device") {
+    const ticket = pending;
+    return finish(await cxrDevice.read(file), "device", ticket);
+  }
   const form = new FormData();
   form.append("file", file);
   let response, body;
@@ -74,17 +89,24 @@ async function upload(file) {
     showError("Could not reach the server. Check the connection (or that cxr serve is running) and try again.");
     return;
   }
+  finish({ status: response.status, body }, "server", null);
+}
+
+function finish(answer, where, ticket) {
+  // The server's answer or the device's (the same JSON): one way to show either, saying which it was.
+  if (ticket && ticket !== pending) return;  // a newer film was chosen meanwhile
+  const { status, body } = answer;
   setStatus("");
-  if (!response.ok || !body || !body.findings) {
-    const message = (body && body.message) || `The server answered ${response.status}; try again.`;
+  if (status !== 200 || !body || !body.findings) {
+    const message = (body && body.message) || `The server answered ${status}; try again.`;
     if (body && body.error === "not_a_chest_xray") showRefusal(message);
     else showError(message);
     return;
   }
-  render(body);
+  render(body, where);
 }
 
-function render(result) {
+function render(result, where) {
   heatmaps = result.heatmaps || {};
   const film = $("film");
   film.src = result.image.preview || "";
@@ -100,9 +122,13 @@ function render(result) {
   $("unassessed").replaceChildren(...unassessed.map(unassessedRow));
   $("not-assessed").hidden = unassessed.length === 0;
   cxrCapture.show(result);  // capture.js: the crop, the turn undone, the stability estimate
+  if (where === "device") $("crop-editor").hidden = true;  // crops are read on the server
+  $("produced-by").textContent = WHERE[where];
+  $("results").dataset.producedBy = where;
   $("results").hidden = false;
   $("results").scrollIntoView({ behavior: "smooth", block: "start" });  // on a phone it is below the fold
-  setStatus(`Read a ${result.image.width} \u00d7 ${result.image.height} film with ${result.model.name}.`);
+  const on = where === "device" ? "on this device" : "on the server";
+  setStatus(`Read a ${result.image.width} \u00d7 ${result.image.height} film with ${result.model.name}, ${on}.`);
 }
 
 function findingRow(f) {
@@ -214,5 +240,33 @@ async function loadModelCard() {
   }
 }
 
+async function goOffline() {
+  // Install the service worker (it caches the page, runtime and model), then load the model here: the
+  // device mode becomes the default once everything it needs is cached.
+  const note = $("mode-device-note");
+  if (!("serviceWorker" in navigator) || typeof cxrDevice === "undefined") {
+    note.textContent = "(not in this browser)";
+    return;
+  }
+  try {
+    await navigator.serviceWorker.register("/sw.js", { scope: "/" });
+    await navigator.serviceWorker.ready;
+    await cxrDevice.load();
+  } catch (err) {
+    note.textContent = `(not available: ${err.message})`;
+    $("offline").textContent = "Works online only: films are read on the server.";
+    return;
+  }
+  const cached = await Promise.all(["/offline/model.onnx", "/static/vendor/ort-wasm-simd-threaded.wasm", "/"]
+    .map((u) => caches.match(u)));
+  $("mode-device").disabled = false;
+  note.textContent = self.crossOriginIsolated ? "(WASM, threads)" : "(WASM)";
+  if (cached.every(Boolean)) {
+    $("mode-device").checked = true;
+    $("offline").textContent = "Ready offline: this page and its model are saved on this device; films are read here and never uploaded.";
+  }
+}
+
 wireInputs();
 loadModelCard();
+goOffline();
