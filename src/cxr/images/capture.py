@@ -14,15 +14,34 @@ numpy, scipy and Pillow only: cxr.images never imports torch.
 
 from __future__ import annotations
 
-import functools
+import importlib
 from dataclasses import dataclass
-from importlib import resources
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from scipy.spatial import ConvexHull
+
+from cxr.images.arrays import to_gray, to_pil  # noqa: F401 (to_gray is re-exported)
+
+
+class _OnFirstUse:
+    """scipy takes about a second to import on a small machine: a server imports it on its first photo (or in
+    the background after start, see `warm_up`), not before it can answer /healthz."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+ndimage = _OnFirstUse("scipy.ndimage")
+_spatial = _OnFirstUse("scipy.spatial")
+
+
+def warm_up() -> None:
+    """Import what the finder needs now (a server calls this in a background thread after it starts)."""
+    importlib.import_module("scipy.ndimage")
+    importlib.import_module("scipy.spatial")
 
 _WORK_SIDE = 256        # the finder works on a copy this size: borders are wide, films are large
 _MIN_SIDE = 96          # smaller than this, a picture is a thumbnail, not a photo worth cropping
@@ -126,20 +145,6 @@ def warp(gray: np.ndarray, out_to_in: np.ndarray, size: tuple[int, int], fill: f
     return np.asarray(out, dtype=np.float32)
 
 
-def to_gray(image: np.ndarray) -> np.ndarray:
-    """H x W x 3 (or 4) colour -> H x W luma with Pillow's weights, so it sees what `read_image` gives."""
-    a = np.asarray(image, dtype=np.float32)
-    if a.ndim == 2:
-        return a
-    return a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
-
-
-def to_pil(gray: np.ndarray) -> Image.Image:
-    """A Pillow 'F' image sharing the array's memory (fromarray copies: milliseconds on a 1024-px film)."""
-    a = np.ascontiguousarray(gray, dtype=np.float32)
-    return Image.frombuffer("F", (a.shape[1], a.shape[0]), a, "raw", "F", 0, 1)
-
-
 def _small(gray: np.ndarray) -> tuple[np.ndarray, float]:
     h, w = gray.shape
     s = min(1.0, _WORK_SIDE / max(h, w))
@@ -232,7 +237,7 @@ def _film_region(ring: np.ndarray) -> np.ndarray | None:
 
 def _hull(points: np.ndarray) -> np.ndarray:
     """Convex hull vertices, in order around it."""
-    return points[ConvexHull(points).vertices]
+    return points[_spatial.ConvexHull(points).vertices]
 
 
 def _four_corners(hull: np.ndarray) -> np.ndarray:
@@ -359,66 +364,7 @@ def rectify(gray: np.ndarray, quad: Quad, *, inset: float = 0.01, size: tuple[in
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-# --- orientation and polarity ---------------------------------------------------------------------------
-
-THUMB = 32  # orientation features are read from a THUMB x THUMB thumbnail
-
-
-class Orientation(NamedTuple):
-    """How a film was turned: the upright film went through np.rot90(film, k_rot90), then 1 - film if inverted."""
-
-    k_rot90: int
-    inverted: bool
-    confidence: float  # probability of this answer among the 8 (0.125 = no idea, 1 = certain)
-
-
-def thumbnail(gray: np.ndarray) -> np.ndarray:
-    """THUMB x THUMB, squashed, robustly stretched so exposure and a photo's fog do not matter."""
-    t = np.asarray(to_pil(to_gray(gray)).resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32)
-    lo, hi = np.percentile(t, [1, 99])
-    return np.clip((t - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
-
-
-def correct(gray: np.ndarray, k_rot90: int, inverted: bool) -> np.ndarray:
-    """Undo `Orientation` (k_rot90, inverted): the upright, positive film."""
-    out = np.rot90(gray, -int(k_rot90))
-    return np.ascontiguousarray(1.0 - out if inverted else out, dtype=np.float32)
-
-
-def candidates(thumb: np.ndarray) -> list[tuple[int, bool, np.ndarray]]:
-    """The 8 hypotheses (k_rot90, inverted) and the upright thumbnail each would mean."""
-    return [(k, inv, correct(thumb, k, inv)) for inv in (False, True) for k in range(4)]
-
-
-def features(upright: np.ndarray) -> np.ndarray:
-    """What the scorer reads from a hypothesised upright thumbnail: the pixels at 16 x 16, their squares
-    (bright bones against dark lungs is not symmetric under inversion) and a 16-bin histogram."""
-    t = upright.reshape(THUMB // 2, 2, THUMB // 2, 2).mean(axis=(1, 3)).ravel()
-    hist = np.bincount(np.minimum((upright * 16).astype(np.int64), 15).ravel(), minlength=16) / upright.size
-    return np.concatenate([t, t * t, hist]).astype(np.float32)
-
-
-@functools.cache
-def _scorer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with resources.files("cxr.assets").joinpath("orientation.npz").open("rb") as f, np.load(f) as z:
-        return z["weights"].astype(np.float64), z["mean"].astype(np.float64), z["scale"].astype(np.float64)
-
-
-def orientation(gray: np.ndarray, scorer: tuple | None = None) -> Orientation:
-    """How `gray` is turned and whether it is a negative; `confidence` says how sure (see Orientation)."""
-    w, mean, scale = scorer if scorer is not None else _scorer()
-    hyps = candidates(thumbnail(gray))
-    x = (np.stack([features(t) for *_, t in hyps]) - mean) / scale
-    z = x @ w
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    best = int(np.argmax(p))
-    k, inv, _ = hyps[best]
-    return Orientation(k, inv, float(p[best]))
-
-
-def describe(o: Orientation) -> str:
-    """What was wrong with the film, for the user ('' when it was upright and positive)."""
-    turn = {1: "turned 90 degrees anticlockwise", 2: "upside down", 3: "turned 90 degrees clockwise"}
-    parts = ([f"was {turn[o.k_rot90 % 4]}"] if o.k_rot90 % 4 else []) + (["was a negative"] if o.inverted else [])
-    return ("this film " + " and ".join(parts)) if parts else ""
+# Orientation and polarity live in cxr.images.orientation; callers that read a photo use both, from here.
+from cxr.images.orientation import (  # noqa: E402,F401,I001
+    THUMB, Orientation, candidates, correct, describe, features, orientation, thumbnail,
+)

@@ -10,6 +10,7 @@ responsive and a saturated server answers 503 at once.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cxr import settings as config
+from cxr.images import capture
 from cxr.web import render
 from cxr.web.deps import Admission, Served, UploadLimits
 from cxr.web.errors import ApiError
@@ -84,6 +86,8 @@ def create_app(predictor=None, *, model: str | Path | None = None, max_concurren
     @asynccontextmanager
     async def lifespan(app):
         admission.open()
+        # The film finder's imports load in the background: /healthz answers at once, the first photo is fast.
+        threading.Thread(target=capture.warm_up, name="cxr-warm-up", daemon=True).start()
         yield
         admission.close()
 

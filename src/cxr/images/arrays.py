@@ -1,0 +1,20 @@
+"""Small array helpers shared by the film finder and the orientation scorer (numpy and Pillow, no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """H x W x 3 (or 4) colour -> H x W luma with Pillow's weights, so it sees what `read_image` gives."""
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 2:
+        return a
+    return a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
+
+
+def to_pil(gray: np.ndarray) -> Image.Image:
+    """A Pillow 'F' image sharing the array's memory (fromarray copies: milliseconds on a 1024-px film)."""
+    a = np.ascontiguousarray(gray, dtype=np.float32)
+    return Image.frombuffer("F", (a.shape[1], a.shape[0]), a, "raw", "F", 0, 1)
