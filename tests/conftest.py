@@ -117,3 +117,23 @@ def onnx_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CXR_CACHE", str(tmp_path_factory.mktemp("onnx-cache")))
         yield
+
+
+def dicom_dataset(pixels, photometric="MONOCHROME2", bits=8, **attrs):
+    """A minimal digital X-ray DICOM data set (explicit VR little endian) holding `pixels` (or none)."""
+    from pydicom import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName = "DX", "Anonymous"
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric, bits)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assessed_everywhere, save_random_model
+from conftest import assessed_everywhere, dicom_dataset, save_random_model
 from test_browser import ARGS, ARTIFACTS, CHROMIUM, PHONE, _serve
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.browser]
@@ -164,20 +164,7 @@ def test_device_matches_server_on_ten_films(installed_bundled, images_512):
 
 
 def _dicom(pixels: np.ndarray, **attrs) -> bytes:
-    from pydicom import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.set_pixel_data(pixels, attrs.pop("photometric", "MONOCHROME2"), attrs.pop("bits", 16))
-    for k, v in attrs.items():
-        setattr(ds, k, v)
+    ds = dicom_dataset(pixels, attrs.pop("photometric", "MONOCHROME2"), attrs.pop("bits", 16), **attrs)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
