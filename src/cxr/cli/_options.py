@@ -12,7 +12,8 @@ from typing import Any
 import typer
 
 PROGRESS_HELP = "Progress bar on standard error (drawn only on a terminal)."
-WORKERS_HELP = "Processes decoding films"
+# --workers counts worker processes everywhere (as in uvicorn and DataLoader); each command says what they do.
+WORKERS_HELP = "Worker processes"
 THREADS_HELP = "Compute threads"
 
 # The commands that can run for minutes: each takes --progress/--no-progress, --out, and --workers or --threads.
@@ -24,7 +25,7 @@ def progress() -> Any:
 
 
 def workers(default: int | None = None, when_unset: str = "one per CPU core") -> Any:
-    return typer.Option(default, "--workers", min=0, help=f"{WORKERS_HELP} (default: {when_unset}).")
+    return typer.Option(default, "--workers", min=0, help=f"{WORKERS_HELP} decoding films (default: {when_unset}).")
 
 
 def threads(when_unset: str = "one per CPU core") -> Any:

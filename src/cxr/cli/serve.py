@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from cxr.cli._options import WORKERS_HELP
+
 DEFAULT_PORT = 8000
 
 
@@ -44,8 +46,8 @@ def serve(
     concurrency: int = typer.Option(1, min=1, help="Inferences at once; concurrency x threads ~ cores."),
     queue: int = typer.Option(8, min=0, help="Requests allowed to wait for a slot; beyond that: 503."),
     threads: Optional[int] = typer.Option(None, min=1, help="Compute threads per inference, torch or ONNX Runtime (default: all cores)."),
-    workers: int = typer.Option(1, min=1, help="Processes, each with its own model (~150 MB each on ONNX "
-                                "artefacts); workers x concurrency x threads ~ cores."),
+    workers: int = typer.Option(1, min=1, help=f"{WORKERS_HELP} serving requests, each with its own model "
+                                "(~150 MB each on ONNX artefacts); workers x concurrency x threads ~ cores."),
 ) -> None:
     """Serve the web page and the JSON API (OpenAPI at /openapi.json, reference at /docs). Not for clinical use."""
     import uvicorn

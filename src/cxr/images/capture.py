@@ -43,7 +43,7 @@ def warm_up() -> None:
     importlib.import_module("scipy.ndimage")
     importlib.import_module("scipy.spatial")
 
-_WORK_SIDE = 256        # the finder works on a copy this size: borders are wide, films are large
+WORK_SIDE = 256        # the finder works on a copy this size: borders are wide, films are large
 _MIN_SIDE = 96          # smaller than this, a picture is a thumbnail, not a photo worth cropping
 _MIN_FILM = 0.15       # a film photographed to be read fills at least this fraction of the photo
 _FULL_FRAME_TOL = 0.03  # a quad this close to the frame's corners (fraction of the side) is the frame
@@ -147,7 +147,7 @@ def warp(gray: np.ndarray, out_to_in: np.ndarray, size: tuple[int, int], fill: f
 
 def _small(gray: np.ndarray) -> tuple[np.ndarray, float]:
     h, w = gray.shape
-    s = min(1.0, _WORK_SIDE / max(h, w))
+    s = min(1.0, WORK_SIDE / max(h, w))
     if s >= 1.0:
         return np.asarray(gray, dtype=np.float32), 1.0
     im = to_pil(gray)
@@ -307,7 +307,7 @@ def _quad_of(region: np.ndarray) -> Quad | None:
 
 
 def working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
-    """The finder's copy (at most _WORK_SIDE px a side) and its scale (original px per copy px). The
+    """The finder's copy (at most WORK_SIDE px a side) and its scale (original px per copy px). The
     decode stage makes it once and hands it to `find_film` and, for a film, to `orientation`."""
     return _small(to_gray(gray))
 
@@ -366,5 +366,5 @@ def rectify(gray: np.ndarray, quad: Quad, *, inset: float = 0.01, size: tuple[in
 
 # Orientation and polarity live in cxr.images.orientation; callers that read a photo use both, from here.
 from cxr.images.orientation import (  # noqa: E402,F401,I001
-    THUMB, Orientation, candidates, correct, describe, features, orientation, thumbnail,
+    THUMB, Orientation, candidates, correct, describe, features, orientation, scorer_parameters, thumbnail,
 )

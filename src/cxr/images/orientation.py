@@ -54,14 +54,14 @@ def features(upright: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def _scorer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def scorer_parameters() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with resources.files("cxr.assets").joinpath("orientation.npz").open("rb") as f, np.load(f) as z:
         return z["weights"].astype(np.float64), z["mean"].astype(np.float64), z["scale"].astype(np.float64)
 
 
 def orientation(gray: np.ndarray, scorer: tuple | None = None) -> Orientation:
     """How `gray` is turned and whether it is a negative; `confidence` says how sure (see Orientation)."""
-    w, mean, scale = scorer if scorer is not None else _scorer()
+    w, mean, scale = scorer if scorer is not None else scorer_parameters()
     hyps = candidates(thumbnail(gray))
     x = (np.stack([features(t) for *_, t in hyps]) - mean) / scale
     z = x @ w

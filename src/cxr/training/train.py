@@ -252,7 +252,9 @@ def _trainer(cfg: TrainConfig, validate: bool = True):
         # SyncBatchNorm needs GPUs; on CPU each process normalises over its own share of the batch.
         sync_batchnorm=n_dev * cfg.num_nodes > 1 and cfg.accelerator != "cpu" and torch.cuda.is_available(),
         enable_progress_bar=cfg.progress,
-        callbacks=[AtomicLastCheckpoint(cfg.out / "last.ckpt"), EpochCSV(cfg.out / "metrics.csv", cfg.epochs)]
+        # The epoch's CSV row before its checkpoint: a kill between the two then re-runs the epoch (its row is
+        # dropped on resume) instead of resuming past an epoch whose row was never written.
+        callbacks=[EpochCSV(cfg.out / "metrics.csv", cfg.epochs), AtomicLastCheckpoint(cfg.out / "last.ckpt")]
         + ([bar] if cfg.progress else []),
     )
 

@@ -229,7 +229,7 @@ def offline_config(predictor, served) -> dict:
     task = get_task(meta.task)
     path = artefacts.paths(predictor.path)
     stats, g = predictor.gate.stats, predictor.gate
-    weights, mean, scale = camera._scorer()  # the orientation scorer the capture stage runs
+    weights, mean, scale = camera.scorer_parameters()  # the orientation scorer the capture stage runs
     platt = meta.platt
     return {
         "available": True, "version": artefacts.sha256(path.graph)[:16], "model": served.summary.model_dump(),
@@ -244,7 +244,7 @@ def offline_config(predictor, served) -> dict:
                    "min_std": gates.MIN_STD, "max_aspect": gates.MAX_ASPECT,
                    "max_flat_share": gates.MAX_FLAT_SHARE, "sample_side": gates._SAMPLE_SIDE},
         "orientation": {"weights": _f32(weights), "mean": _f32(mean), "scale": _f32(scale), "thumb": camera.THUMB,
-                        "work_side": camera._WORK_SIDE, "min_confidence": pipeline.MIN_ORIENTATION_CONFIDENCE},
+                        "work_side": camera.WORK_SIDE, "min_confidence": pipeline.MIN_ORIENTATION_CONFIDENCE},
         "jet": JET.astype(int).ravel().tolist(), "heatmap_max_side": render.HEATMAP_MAX_SIDE,
         "heat_max_alpha": render.HEAT_MAX_ALPHA, "preview_max_side": render.PREVIEW_MAX_SIDE,
     }
