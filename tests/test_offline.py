@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,20 @@ def test_non_film_is_refused_by_the_gate_on_the_device(installed, server):
     assert srv["status"] == 422 and srv["body"]["error"] == "not_a_chest_xray"
     assert dev["status"] == 422 and dev["body"]["error"] == "not_a_chest_xray"
     assert dev["body"]["message"] == srv["body"]["message"]
+
+
+def test_without_the_vendored_runtime_the_page_stays_on_the_server_and_says_why(exported, tmp_path, monkeypatch):
+    """A wheel built without scripts/vendor_web.py: model.json says why, and the graph is not offered."""
+    from fastapi.testclient import TestClient
+
+    from cxr import settings
+    from cxr.inference.predictor import Predictor
+    from cxr.web.app import create_app
+
+    static = tmp_path / "static"
+    shutil.copytree(settings.STATIC_DIR, static, ignore=shutil.ignore_patterns("vendor"))
+    monkeypatch.setattr(settings, "STATIC_DIR", static)
+    with TestClient(create_app(Predictor(exported, threads=1), model=exported)) as client:
+        config = client.get("/offline/model.json").json()
+        assert config["available"] is False and "vendor_web.py" in config["why"]
+        assert client.get("/offline/model.onnx").status_code == 404

@@ -259,4 +259,7 @@ def _offline_unavailable(predictor, meta, convention) -> str | None:
     stale = artefacts.stale_reason(predictor.path)
     if stale:
         return f"no fresh ONNX artefacts ({stale})"
+    if not (config.STATIC_DIR / "vendor" / "ort-wasm-simd-threaded.wasm").is_file():
+        return ("the browser runtime was not vendored into this installation "
+                "(run scripts/vendor_web.py before building, or use the Dockerfile)")
     return None
