@@ -51,9 +51,11 @@ class EpochCSV(L.Callback):
         self._t0 = time.monotonic()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Every rank reads the metrics: reading them can synchronise across DDP processes, and a read on rank 0
+        # alone would wait for the others forever.
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if not trainer.is_global_zero:
             return
-        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
         row = {
             "epoch": trainer.current_epoch + 1,
