@@ -124,3 +124,27 @@ def test_calibration_thresholds_and_evidence_land_in_the_shipped_model(cv_run):
     assert meta.provenance["shipped"].startswith("refit")
     assert meta.provenance["config"]["parts"] == {"train": 40, "val": 0}
     assert meta.provenance["config"]["capture_aug"] == 0.3
+
+
+def test_assessment_reads_within_source_evidence_when_sources_differ():
+    """A finding the model 'ranks' only by telling the 512-px from the 64-px films apart (they differ in
+    prevalence) is not assessed, though its pooled AUC is high; a finding ranked within each source is."""
+    from cxr.training import oof as O
+
+    rng = np.random.default_rng(1)
+    n = 900
+    source = np.repeat(["data/images-512", "data/images-64"], n // 2)
+    y = (rng.random((n, 2)) < np.where(source == "data/images-512", 0.35, 0.08)[:, None]).astype(np.int8)
+    z = np.stack([3.0 * (source == "data/images-512") + rng.normal(0, 0.3, n), 2.0 * y[:, 1] + rng.normal(0, 1, n)], 1)
+    oof = {"source": list(source), "image": [f"{i:08d}_000.png" for i in range(n)], "patient": np.arange(n),
+           "fold": np.arange(n) % 3, "y": y, "logit": z, "p": 1 / (1 + np.exp(-z))}
+    fitted = O.fit_from_oof(oof, ["Shortcut", "Real"], "spec:0.90", folds=3, n_boot=200)
+    report = O.cv_report(oof, ["Shortcut", "Real"], fitted, folds=3, n_boot=200)
+    assert report["per_finding"]["Shortcut"]["auc"] > 0.7  # pooled
+    assert not report["per_finding"]["Shortcut"]["assessed"] and report["per_finding"]["Real"]["assessed"]
+    assert report["per_finding"]["Shortcut"]["evidence_basis"] == "within-source pairs"
+    evidence = O.assessment(fitted, ["Shortcut", "Real"], y, 3)
+    assert evidence["Shortcut"]["auc_ci"][0] <= 0.5 < evidence["Real"]["auc_ci"][0]
+    assert "within each source: images-512, images-64" in evidence["Shortcut"]["source"]
+    assert set(report["by_source"]) == {"images-512", "images-64"} and report["within_source"]["macro_auc_ci"]
+    assert report["flags_per_film"]["cross_fitted"] <= report["flags_per_film"]["if_every_finding_were_assessed"]

@@ -161,3 +161,26 @@ def test_shape_errors():
         M.as_2d(np.zeros((3, 2)), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="0 or 1"):
         M.as_2d(np.full(3, 2), np.zeros(3))
+
+
+def test_within_groups_auc_does_not_credit_telling_groups_apart():
+    """Two sources with different prevalence, a score that only knows the source: pooled AUC is high,
+    the within-source AUC is chance and its CI says so; with one group it is the plain AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.evaluation.metrics import within_groups_auc
+
+    rng = np.random.default_rng(0)
+    group = np.repeat(["images-512", "images-64"], 400)
+    y = (rng.random(800) < np.where(group == "images-512", 0.4, 0.08)).astype(int)
+    shortcut = (group == "images-512") + rng.normal(0, 0.1, 800)
+    real = y + rng.normal(0, 0.7, 800)
+    p = np.stack([shortcut, real], axis=1)
+    got = within_groups_auc(np.stack([y, y], axis=1), p, group, ["shortcut", "real"], n_boot=300)
+    assert roc_auc_score(y, shortcut) > 0.7
+    lo, hi = got["per_finding"]["shortcut"]["auc_ci"]
+    assert abs(got["per_finding"]["shortcut"]["auc"] - 0.5) < 0.08 and lo < 0.5 < hi
+    assert got["per_finding"]["real"]["auc_ci"][0] > 0.75
+    one = within_groups_auc(y[:, None], real[:, None], np.zeros(800), ["real"], n_boot=50)
+    assert one["per_finding"]["real"]["auc"] == pytest.approx(roc_auc_score(y, real))
+    assert got["groups"] == ["images-512", "images-64"]

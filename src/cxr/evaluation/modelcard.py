@@ -76,7 +76,7 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
         f"- Command: `{p.get('command', '?')}`",
         f"- Versions: {p.get('versions', {})}",
         "",
-        f"## Validation ({m.get('n_images', '?')} films, 95% bootstrap CIs)",
+        *_performance_heading(m, p),
         f"- Macro AUC {_num(m.get('macro_auc'))} (95% CI {_ci(m.get('macro_auc_ci'))}); micro AUC "
         f"{_num(m.get('micro_auc'))} (micro is inflated by how common each finding is: judge on macro).",
         "",
@@ -109,6 +109,21 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
     return "\n".join(lines)
 
 
+def _performance_heading(m: dict, p: dict) -> list[str]:
+    """Out-of-fold figures say so (and where they come from); a held-out split is 'Validation'."""
+    cv = p.get("cv")
+    if m.get("subset") != "out-of-fold" or not cv:
+        return [f"## Validation ({m.get('n_images', '?')} films, 95% bootstrap CIs)"]
+    folds = ", ".join(_num(a) for a in cv.get("per_fold_macro_auc", []))
+    return [f"## Out-of-fold performance ({cv['folds']}-fold patient-grouped cross-validation, "
+            f"{m.get('n_images', '?')} films of {cv.get('n_patients', '?')} patients, 95% bootstrap CIs)",
+            "- Every film is scored by the fold model that never saw its patient; the shipped model is "
+            f"{p.get('shipped', 'a refit on all films')}. Macro AUC per fold: {folds}."] + [
+            f"- {name} only ({b.get('n_images', '?')} films): macro AUC {_num(b.get('macro_auc'))} (95% CI "
+            f"{_ci(b.get('macro_auc_ci'))}). Judge on these: the sources differ in resolution and in who was "
+            "sampled, and the pooled figure also credits telling them apart." for name, b in (cv.get("by_source") or {}).items()]
+
+
 POLICY_WORDS = {"spec": "specificity at least {:.2f} per finding", "sens": "sensitivity at least {:.2f} per finding",
                 "youden": "Youden's J per finding"}
 
@@ -131,6 +146,14 @@ def honesty(meta: ModelMeta) -> list[str]:
              "- Probabilities: " + ("calibrated per finding (Platt scaling of the logit, fitted on held-out "
                                     "predictions)." if meta.calibration else "not recalibrated (the network's own "
                                     "sigmoid; they may be over- or under-confident).")]
+    overall, flags = (meta.metrics or {}).get("calibration"), (meta.metrics or {}).get("flags_per_film")
+    if overall:
+        lines.append(f"- Overall ({(meta.metrics or {}).get('subset', 'validation')} probabilities): Brier "
+                     f"{_num(overall.get('brier'), '.4f')}, Brier skill {_num(overall.get('brier_skill'), '+.3f')} "
+                     f"against each finding's base rate, ECE {_num(overall.get('ece'))} (equal-mass bins).")
+    if flags:
+        lines.append(f"- Flagged findings per film at these operating points: {_num(flags.get('cross_fitted'), '.2f')} "
+                     f"(the films truly carry {_num(flags.get('true'), '.2f')}).")
     verdicts = assessments(meta)
     figs = {f: meta.evidence(f) or {} for f in verdicts}
     if any(e.get("brier_skill") is not None or e.get("ece") is not None for e in figs.values()):
@@ -153,7 +176,16 @@ def honesty(meta: ModelMeta) -> list[str]:
     return lines
 
 
-def write(meta: ModelMeta, path: Path, **kw) -> Path:
+def write(meta: ModelMeta, path: Path, *, calibration: dict | None = None, **kw) -> Path:
+    """The card; with `calibration` (cxr.evaluation.calibration.figures of the scores behind the card's
+    figures) also its reliability diagram, NAME.reliability.png beside it, shown in the card."""
     path = Path(path)
-    path.write_text(render(meta, **kw))
+    text = render(meta, **kw)
+    if calibration is not None:
+        from cxr.evaluation import reliability
+
+        fig = reliability.figure(path.with_suffix(".reliability.png"), calibration)
+        anchor = "\n## Findings this model cannot assess"
+        text = text.replace(anchor, f"\n![{reliability.CAPTION}]({fig.name})\n" + anchor, 1)
+    path.write_text(text)
     return path

@@ -59,17 +59,28 @@ def scorer_parameters() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return z["weights"].astype(np.float64), z["mean"].astype(np.float64), z["scale"].astype(np.float64)
 
 
+def _features_of_all(thumb: np.ndarray) -> np.ndarray:
+    """8 x features: `features` of each of `candidates(thumb)`, in that order and to the bit, at once (eight
+    calls' numpy overheads cost more than the arithmetic). A turn moves pixels but keeps the histogram."""
+    ups = np.stack([np.rot90(thumb, -k) for k in range(4)])
+    ups = np.concatenate([ups, 1.0 - ups]).astype(np.float32)  # inverted before the cast, as `correct` does
+    # 2 x 2 means summed in the order numpy's mean over (1, 3) of one 16 x 2 x 16 x 2 view sums them
+    t = ((ups[:, 0::2, 0::2] + ups[:, 0::2, 1::2]) + (ups[:, 1::2, 0::2] + ups[:, 1::2, 1::2])) / np.float32(4)
+    t = t.reshape(8, -1)
+    hist = np.stack([np.bincount(np.minimum((u * 16).astype(np.int64), 15).ravel(), minlength=16) / u.size
+                     for u in (ups[0], ups[4])])
+    return np.concatenate([t, t * t, np.repeat(hist, 4, axis=0)], axis=1).astype(np.float32)
+
+
 def orientation(gray: np.ndarray, scorer: tuple | None = None) -> Orientation:
     """How `gray` is turned and whether it is a negative; `confidence` says how sure (see Orientation)."""
     w, mean, scale = scorer if scorer is not None else scorer_parameters()
-    hyps = candidates(thumbnail(gray))
-    x = (np.stack([features(t) for *_, t in hyps]) - mean) / scale
+    x = (_features_of_all(thumbnail(gray)) - mean) / scale
     z = x @ w
     p = np.exp(z - z.max())
     p /= p.sum()
     best = int(np.argmax(p))
-    k, inv, _ = hyps[best]
-    return Orientation(k, inv, float(p[best]))
+    return Orientation(best % 4, best >= 4, float(p[best]))  # candidates' order: 4 turns, then inverted
 
 
 def describe(o: Orientation) -> str:

@@ -181,7 +181,7 @@ def _rectified(gray: np.ndarray, quad: camera.Quad, side: int) -> np.ndarray:
     size = _read_size(quad, side)
     shrink = int(max(_sides(quad)) / (2 * max(size)))  # whole factor: PIL's reduce is a cheap box filter
     if shrink >= 2:
-        gray = np.asarray(camera.to_pil(gray).reduce(shrink), dtype=np.float32)
+        gray = camera.shrunk(gray, shrink)
         quad = quad.scaled(1 / shrink, 1 / shrink)
     return camera.rectify(gray, quad, size=size)
 

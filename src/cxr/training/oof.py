@@ -44,9 +44,31 @@ def fit_from_oof(oof: dict, findings: Sequence[str], policy: str, *, folds: int,
         if note:
             notes[f] = note
     crossed, flags = _cross_fitted(oof, findings, policy, folds, softmax)
-    return {"policy": policy, "calibration": {f: {"a": v[0], "b": v[1]} for f, v in fits.items() if v},
+    return {"within": within_source(oof, findings, n_boot), "policy": policy, "calibration": {f: {"a": v[0], "b": v[1]} for f, v in fits.items() if v},
             "thresholds": thresholds, "notes": notes, "p_calibrated": p_cal, "p_cross": crossed,
             "flags_cross": flags, "y_all": y, "raw": metrics.summarize(y, p, list(findings), n_boot=n_boot)}
+
+
+def _sources(oof: dict) -> np.ndarray:
+    return np.asarray([Path(str(s)).name for s in oof["source"]])
+
+
+def within_source(oof: dict, findings: Sequence[str], n_boot: int) -> dict | None:
+    """AUCs from pairs within one --data source, when there are several (None otherwise): the evidence
+    the not-assessed rule reads. Sources differ in resolution and prevalence (the sample's 512-px films
+    carry 1.4 findings each, its 64-px films 0.6), so a pooled AUC credits telling them apart."""
+    source = _sources(oof)
+    if len(set(source)) < 2:
+        return None
+    return metrics.within_groups_auc(oof["y"], oof["p"], source, list(findings), n_boot=n_boot)
+
+
+def _evidence(fitted: dict, f: str) -> dict:
+    """The AUC and 95% CI a finding is judged on: within sources where there are several, else pooled."""
+    w = fitted.get("within")
+    e = (w or fitted["raw"])["per_finding"][f]
+    return {"auc": e.get("auc"), "auc_ci": e.get("auc_ci"),
+            "basis": "within-source pairs" if w else "all out-of-fold films"}
 
 
 def _cross_fitted(oof: dict, findings, policy: str, folds: int, softmax: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -82,8 +104,10 @@ def assessment(fitted: dict, findings: Sequence[str], y: np.ndarray, folds: int)
     raw, cal = fitted["raw"]["per_finding"], calibration_figures(y, fitted["p_cross"], findings)["per_finding"]
     out = {}
     for j, f in enumerate(findings):
-        e = {"auc": raw[f]["auc"], "auc_ci": raw[f].get("auc_ci"), "n_positive": int(y[:, j].sum()),
-             "n_negative": int(len(y) - y[:, j].sum()), "source": _source(folds, len(y)),
+        e = {**_evidence(fitted, f), "auc_pooled": raw[f]["auc"], "n_positive": int(y[:, j].sum()),
+             "n_negative": int(len(y) - y[:, j].sum()),
+             "source": _source(folds, len(y)) + ("; AUC from pairs within each source: "
+                                                  + ", ".join(fitted["within"]["groups"]) if fitted.get("within") else ""),
              "brier_skill": _finite(cal[f]["brier_skill"]), "ece": _finite(cal[f]["ece"])}
         if f in fitted["notes"]:
             e["note"] = fitted["notes"][f]
@@ -109,23 +133,34 @@ def cv_report(oof: dict, findings: Sequence[str], fitted: dict, *, folds: int, n
         s = metrics.summarize(y[m], p[m], list(findings), n_boot=n_boot)
         per_fold.append({"fold": k + 1, "n_patients": len(set(map(str, oof["patient"][m]))), **_brief(s)})
     raw = fitted["raw"]
+    # Per --data source: sources differ in resolution and in who was sampled, so a pooled AUC can credit
+    # the model for telling the sources apart; each source's own figure has no such help.
+    source = _sources(oof)
+    by_source = {s: _brief(metrics.summarize(y[source == s], p[source == s], list(findings), n_boot=n_boot))
+                 for s in sorted(set(source))} if len(set(source)) > 1 else {}
     per_finding = {f: {k: raw["per_finding"][f].get(k) for k in ("n_positive", "auc", "auc_ci", "ap")}
                    for f in findings}
     for f in findings:
-        assessed, reason = C.assessed((per_finding[f]["auc_ci"] or [None])[0])
-        per_finding[f].update(threshold=fitted["thresholds"][f], assessed=assessed, reason=reason,
+        evidence = _evidence(fitted, f)
+        assessed, reason = C.assessed((evidence["auc_ci"] or [None])[0])
+        per_finding[f].update(evidence_auc=evidence["auc"], evidence_auc_ci=evidence["auc_ci"],
+                              evidence_basis=evidence["basis"], threshold=fitted["thresholds"][f], assessed=assessed, reason=reason,
                               calibration=fitted["calibration"].get(f))
-    flags = fitted["flags_cross"]
+    # What the shipped model shows: a not-assessed finding is never flagged, whatever its score.
+    shown = np.array([per_finding[f]["assessed"] for f in findings], dtype=bool)
+    flags = fitted["flags_cross"] & shown
     return {
         "folds": folds, "n_films": len(y), "n_patients": len(set(map(str, oof["patient"]))),
-        "pooled": _brief(raw), "per_fold": per_fold, "per_finding": per_finding,
+        "pooled": _brief(raw), "by_source": by_source,
+        "within_source": {k: fitted["within"][k] for k in ("macro_auc", "macro_auc_ci")} if fitted.get("within") else None, "per_fold": per_fold, "per_finding": per_finding,
         "operating_point": {"policy": fitted["policy"], "notes": fitted["notes"]},
         "calibration": {
             "method": "Platt per finding on out-of-fold logits",
             "uncalibrated": calibration_figures(y, p, findings),
             "cross_fitted": calibration_figures(y, fitted["p_cross"], findings),
         },
-        "flags_per_film": {"cross_fitted": float(flags.sum(axis=1).mean()), "true": float(y.sum(axis=1).mean())},
+        "flags_per_film": {"cross_fitted": float(flags.sum(axis=1).mean()), "true": float(y.sum(axis=1).mean()),
+                           "if_every_finding_were_assessed": float(fitted["flags_cross"].sum(axis=1).mean())},
     }
 
 
@@ -158,7 +193,7 @@ def ship(refit: Path, out: Path, fitted: dict, report: dict, *, folds: int) -> P
                                                        for k in ("brier", "brier_skill", "ece")},
                    flags_per_film=report["flags_per_film"])
     provenance = dict(meta.provenance, shipped="refit on all films (the fold ensemble is not built)",
-                      cv={k: report[k] for k in ("folds", "n_films", "n_patients", "pooled")}
+                      cv={k: report.get(k) for k in ("folds", "n_films", "n_patients", "pooled", "by_source", "within_source")}
                       | {"per_fold_macro_auc": [f["macro_auc"] for f in report["per_fold"]]})
     meta = dataclasses.replace(
         meta, thresholds=dict(meta.thresholds, **fitted["thresholds"]), calibration=fitted["calibration"],
