@@ -1,8 +1,6 @@
 """Stability under capture noise (issue 14): the per-film estimate in the Predictor and the API, the
-perturbations of `cxr evaluate --stability`, and what the CURRENT bundled model holds on shared films.
-
-The bundled model was not trained with capture augmentations; the bounds asserted here are what it holds
-now (measured, with margin), and the issue's targets are reported beside them by `cxr evaluate --stability`.
+perturbations of `cxr evaluate --stability`, and the issue's targets on the bundled model (trained with
+capture augmentations, its gate fitted with light-box photos) on shared films.
 """
 
 from __future__ import annotations
@@ -63,21 +61,23 @@ def test_predictor_reports_stability_only_when_asked(predictor, images_512):
     assert batched.per_variant == pytest.approx(s.per_variant, abs=1e-5)
 
 
-def test_stability_bounds_the_bundled_model_holds_now(predictor, images_512):
-    """Mean |dp| against the original film per perturbation, on 24 films, through the capture stage.
-    Asserted: what the current model holds (measured values in the report of issue 14, with margin).
-    The issue's targets (jpeg, glare <= 0.02; tilt, crop, exposure <= 0.04; light box <= 0.05) wait for a
-    model trained with capture augmentations: on 60 held-out films it measured jpeg 0.031, tilt 0.064,
-    glare 0.046, crop 0.086, exposure 0.045, light box 0.090 (cropped by the finder; 0.15 before)."""
-    grays = [images.read_image(p) for p in _films(images_512)[::23]]
+def test_the_bundled_model_meets_the_capture_targets(predictor, images_512):
+    """Issue 14's targets on real films made to look like phone photos (seeds apart from the gate's):
+    mean |dp| against the original film <= 0.02 for JPEG and glare, <= 0.04 for tilt, crop and exposure,
+    <= 0.05 for light-box photos; >= 95% of JPEG, tilted, glare and light-box variants accepted."""
+    grays = [images.read_image(p) for p in _films(images_512)[::6]]
     p0, _ = predictor.verdicts_of(grays)
     made: dict[str, list] = {}
     for i, g in enumerate(grays):
         for k, v in aug.variants(g, np.random.default_rng(500 + i)).items():
             made.setdefault(k, []).append(v)
-    bounds = {"jpeg": 0.05, "glare": 0.08, "exposure": 0.08, "tilt": 0.10, "crop": 0.14, "light_box": 0.15}
-    means = {k: float(np.abs(predictor.verdicts_of(made[k])[0] - p0).mean()) for k in bounds}
-    assert all(means[k] <= bounds[k] for k in bounds), {k: round(v, 4) for k, v in means.items()}
+    targets = {"jpeg": 0.02, "glare": 0.02, "exposure": 0.04, "tilt": 0.04, "crop": 0.04, "light_box": 0.05}
+    means, accepted = {}, {}
+    for k in targets:
+        p, refused = predictor.verdicts_of(made[k])
+        means[k], accepted[k] = float(np.abs(p - p0).mean()), float(np.mean([r is None for r in refused]))
+    assert all(means[k] <= targets[k] for k in targets), {k: round(v, 4) for k, v in means.items()}
+    assert all(accepted[k] >= 0.95 for k in ("jpeg", "tilt", "glare", "light_box")), accepted
 
 
 def test_api_returns_capture_and_stability(images_512):

@@ -227,6 +227,9 @@ def gate_fit(
     dims: int = typer.Option(64, help="Principal directions whitened (the rest is one residual term)."),
     calibration_fraction: float = typer.Option(0.35, help="Share of films held out of the fit to set the threshold."),
     max_films: int = typer.Option(4000, help="Use at most this many films (a fixed sample by hashed name)."),
+    photos: bool = typer.Option(True, "--photos/--no-photos",
+                                help="Also fit on a simulated light-box photo of each film (seeded), read as an "
+                                     "upload is, so photographed films are not refused."),
     batch_size: int = typer.Option(16),
     backend: str = typer.Option("auto", help="auto | onnx | torch"),
     threads: Optional[int] = opt.threads(),
@@ -244,10 +247,13 @@ def gate_fit(
     if not films:
         raise CxrError("no films found under --data: give folders of PNG, JPEG or DICOM frontal films")
     predictor = Predictor(source, backend=backend, batch_size=batch_size, threads=threads)
+    if photos:  # import scipy (through the photo maker) here: decode threads importing it at once break it
+        from cxr.data import capture as _  # noqa: F401
     with opt.progress_bar("fitting the gate", progress) as bar:
         task = bar.add_task("fit", total=min(len(films), max_films or len(films)))
         gate_meta, tensors = gate.fit(predictor, films, dims=dims, percentile=percentile, margin=margin,
                                       calibration_fraction=calibration_fraction, max_films=max_films,
+                                      photo=_light_box_photo if photos else None,
                                       progress=lambda n: bar.advance(task, n))
     net, meta = M.load(source)
     extra = {k: v for k, v in M.load_extra(source).items() if not k.startswith(gate.Stats.PREFIX)}
@@ -255,6 +261,16 @@ def gate_fit(
     typer.echo(f"gate fitted on {gate_meta['fit_films']} films, threshold {gate_meta['threshold']:.3f} from "
                f"{gate_meta['calibration_films']} held-out films ({gate_meta['calibration_accepted']:.1%} of them "
                f"accepted; {gate_meta['skipped_films']} skipped); wrote {target}")
+
+
+def _light_box_photo(gray, index: int):
+    """A seeded light-box photo of a film, in gray (seeds apart from `cxr evaluate --stability`'s)."""
+    import numpy as np
+
+    from cxr.data import capture as aug
+    from cxr.images.capture import to_gray
+
+    return to_gray(aug.light_box_photo(gray, np.random.default_rng(1_000_003 + index))[0])
 
 
 def register(app: typer.Typer) -> None:

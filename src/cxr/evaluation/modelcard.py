@@ -80,13 +80,17 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
         f"- Macro AUC {_num(m.get('macro_auc'))} (95% CI {_ci(m.get('macro_auc_ci'))}); micro AUC "
         f"{_num(m.get('micro_auc'))} (micro is inflated by how common each finding is: judge on macro).",
         "",
-        f"| Finding | Positives | AUC | 95% CI | AP | Threshold ({meta.policy or 'Youden'}) |",
-        "|---|---:|---:|---|---:|---:|",
+        f"| Finding | Positives | AUC | 95% CI | AP | Threshold ({meta.policy or 'Youden'}) | Judged on: AUC (95% CI) | Assessed |",
+        "|---|---:|---:|---|---:|---:|---|---|",
     ]
+    verdicts = assessments(meta)
     for f in meta.outputs:
-        e = m.get("per_finding", {}).get(f, {})
+        e, ev = m.get("per_finding", {}).get(f, {}), meta.evidence(f) or {}
+        judged = f"{_num(ev.get('auc'), '.2f')} ({_ci(ev.get('auc_ci'))})" if ev else "no evidence"
+        ok = "yes" if verdicts.get(f, (False, None))[0] else "**no**"
         lines.append(f"| {DISPLAY_NAMES.get(f, f)} | {e.get('n_positive', '?')} | {_num(e.get('auc'), '.2f')} | "
-                     f"{_ci(e.get('auc_ci'))} | {_num(e.get('ap'), '.2f')} | {meta.thresholds.get(f, 0.5):.3f} |")
+                     f"{_ci(e.get('auc_ci'))} | {_num(e.get('ap'), '.2f')} | {meta.thresholds.get(f, 0.5):.3f} | "
+                     f"{judged} | {ok} |")
     lines += honesty(meta)
     lines += [
         "",
@@ -118,10 +122,23 @@ def _performance_heading(m: dict, p: dict) -> list[str]:
     return [f"## Out-of-fold performance ({cv['folds']}-fold patient-grouped cross-validation, "
             f"{m.get('n_images', '?')} films of {cv.get('n_patients', '?')} patients, 95% bootstrap CIs)",
             "- Every film is scored by the fold model that never saw its patient; the shipped model is "
-            f"{p.get('shipped', 'a refit on all films')}. Macro AUC per fold: {folds}."] + [
-            f"- {name} only ({b.get('n_images', '?')} films): macro AUC {_num(b.get('macro_auc'))} (95% CI "
-            f"{_ci(b.get('macro_auc_ci'))}). Judge on these: the sources differ in resolution and in who was "
-            "sampled, and the pooled figure also credits telling them apart." for name, b in (cv.get("by_source") or {}).items()]
+            f"{p.get('shipped', 'a refit on all films')}. Macro AUC per fold: {folds}.", *_by_source(cv)]
+
+
+def _by_source(cv: dict) -> list[str]:
+    by, within = cv.get("by_source") or {}, cv.get("within_source")
+    if not by:
+        return []
+    each = "; ".join(f"{name} ({b.get('n_images', '?')} films) {_num(b.get('macro_auc'))} (95% CI "
+                     f"{_ci(b.get('macro_auc_ci'))})" for name, b in by.items())
+    lines = [f"- Macro AUC per source: {each}."]
+    if within:
+        lines.append(f"- Macro AUC within sources (only pairs of films from the same source): "
+                     f"{_num(within.get('macro_auc'))} (95% CI {_ci(within.get('macro_auc_ci'))}). **Judge the model "
+                     "on these**: the sources differ in resolution and in how many findings their films carry, so "
+                     "the pooled figure below also credits telling them apart. The not-assessed rule reads "
+                     "the within-source AUCs.")
+    return lines
 
 
 POLICY_WORDS = {"spec": "specificity at least {:.2f} per finding", "sens": "sensitivity at least {:.2f} per finding",
@@ -176,16 +193,16 @@ def honesty(meta: ModelMeta) -> list[str]:
     return lines
 
 
-def write(meta: ModelMeta, path: Path, *, calibration: dict | None = None, **kw) -> Path:
-    """The card; with `calibration` (cxr.evaluation.calibration.figures of the scores behind the card's
-    figures) also its reliability diagram, NAME.reliability.png beside it, shown in the card."""
+def write(meta: ModelMeta, path: Path, *, figure: Path | None = None, **kw) -> Path:
+    """The card; `figure`: its reliability diagram (cxr.evaluation.reliability.figure of the scores behind
+    the card's figures), a file beside the card, shown in it. (Drawn by the caller: the card itself stays
+    free of matplotlib, which the torch-free runtime does not install.)"""
     path = Path(path)
     text = render(meta, **kw)
-    if calibration is not None:
-        from cxr.evaluation import reliability
-
-        fig = reliability.figure(path.with_suffix(".reliability.png"), calibration)
+    if figure is not None:
         anchor = "\n## Findings this model cannot assess"
-        text = text.replace(anchor, f"\n![{reliability.CAPTION}]({fig.name})\n" + anchor, 1)
+        caption = ("Reliability diagram (equal-mass bins) of the calibrated out-of-fold probabilities: observed "
+                   "frequency against mean predicted probability")
+        text = text.replace(anchor, f"\n![{caption}]({Path(figure).name})\n" + anchor, 1)
     path.write_text(text)
     return path

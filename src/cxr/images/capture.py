@@ -17,6 +17,7 @@ numpy, scipy and Pillow only: cxr.images never imports torch.
 from __future__ import annotations
 
 import importlib
+import threading
 import math
 from dataclasses import dataclass
 
@@ -30,11 +31,15 @@ class _OnFirstUse:
     """scipy takes about a second to import on a small machine: a server imports it on its first photo (or in
     the background after start, see `warm_up`), not before it can answer /healthz."""
 
+    _lock = threading.Lock()  # scipy imported by two decode threads at once fails half-initialised
+
     def __init__(self, name: str) -> None:
         self._name = name
 
     def __getattr__(self, attr: str):
-        return getattr(importlib.import_module(self._name), attr)
+        with self._lock:
+            module = importlib.import_module(self._name)
+        return getattr(module, attr)
 
 
 ndimage = _OnFirstUse("scipy.ndimage")
@@ -42,7 +47,8 @@ ndimage = _OnFirstUse("scipy.ndimage")
 
 def warm_up() -> None:
     """Import what the finder needs now (a server calls this in a background thread after it starts)."""
-    importlib.import_module("scipy.ndimage")
+    with _OnFirstUse._lock:
+        importlib.import_module("scipy.ndimage")
 
 WORK_SIDE = 160        # the finder's copy (and a film's orientation thumbnail's): a border stays 3 px or wider
 _MIN_SIDE = 96          # smaller than this, a picture is a thumbnail, not a photo worth cropping

@@ -214,12 +214,14 @@ def split(names: Sequence[str], calibration_fraction: float,
 
 def fit(predictor, films: Sequence[str | os.PathLike], *, dims: int = 64, percentile: float = 99.0,
         margin: float = 1.1, calibration_fraction: float = 0.35, max_films: int | None = 4000,
-        low_res: int = config.MIN_SIDE,
+        low_res: int = config.MIN_SIDE, photo: Callable[[np.ndarray, int], np.ndarray] | None = None,
         progress: Callable[[int], None] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Fit the gate on real films with a `cxr.inference.predictor.Predictor` (its backend computes the features).
 
     Returns (meta.gate, extra tensors). Films are split by hashed file name into fit and calibration
-    sets; every film is also used downscaled to `low_res` px (see the module docstring).
+    sets; every film is also used downscaled to `low_res` px (see the module docstring) and, with `photo`,
+    as a photo of it (`photo(gray, index)`, read as an upload is): a film photographed on a light box,
+    cropped and rectified, still differs from the file, and the page asks users to send such photos.
     """
     if not 0 < calibration_fraction < 1 or not 50 <= percentile <= 100 or margin < 1:
         raise GateError("need 0 < calibration_fraction < 1, 50 <= percentile <= 100 and margin >= 1")
@@ -227,9 +229,10 @@ def fit(predictor, films: Sequence[str | os.PathLike], *, dims: int = 64, percen
     if len(cal_idx) < 10 or len(fit_idx) < 8:
         raise GateError(f"{len(films)} films give {len(fit_idx)} to fit and {len(cal_idx)} to calibrate the gate; "
                         "give at least ~50 real frontal films (hundreds are better)")
-    feats, skipped = predictor.embed([films[i] for i in fit_idx + cal_idx], low_res=low_res, progress=progress)
+    feats, skipped = predictor.embed([films[i] for i in fit_idx + cal_idx], low_res=low_res, photo=photo,
+                                     progress=progress)
     n_fit = len(fit_idx) - sum(1 for i in skipped if i < len(fit_idx))
-    per_film = 2 if low_res else 1  # rows: each film, then its low-res copy
+    per_film = 1 + bool(low_res) + (photo is not None)  # rows: each film, its low-res copy, its photo
     fit_feats, cal_feats = feats[: per_film * n_fit], feats[per_film * n_fit:]
     if len(cal_feats) < 10 * per_film:
         raise GateError(f"only {len(cal_feats) // per_film} readable calibration films ({len(skipped)} skipped as "
@@ -241,7 +244,7 @@ def fit(predictor, films: Sequence[str | os.PathLike], *, dims: int = 64, percen
         "method": METHOD, "threshold": threshold, "percentile": percentile, "margin": margin,
         "dims": int(stats.components.shape[1]), "low_res": low_res, "input_size": predictor.meta.input_size,
         "fit_films": n_fit, "calibration_films": len(cal_feats) // per_film, "skipped_films": len(skipped),
-        "features": "mean-pooled model.features, L2-normalised",
+        "features": "mean-pooled model.features, L2-normalised", "photos": photo is not None,
         "calibration_accepted": float((cal_scores <= threshold).mean()),
     }
     return gate, stats.tensors()

@@ -253,14 +253,18 @@ class Predictor:
         return probs, refusals
 
     def embed(self, inputs: Sequence[Source], *, low_res: int | None = None,
+              photo: Callable[[np.ndarray, int], np.ndarray] | None = None,
               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[int]]:
         """Pooled features (the gate's) of the films that pass the image checks, film after film, each
-        followed by its copy downscaled to low_res px when low_res is given; and the indices skipped."""
+        followed by its copy downscaled to low_res px when low_res is given, then by `photo(gray, index)` (a
+        gray photo of the film, say on a light box) read as an upload is (found, cropped, put upright);
+        and the indices skipped."""
         rows, skipped, xs = [], [], []
         inputs = list(inputs)
         labels = pipeline.names_of(inputs, None)
-        decoded = self._ordered(lambda i: pipeline.decode(i, inputs[i], labels[i], self.meta, bool(low_res)),
-                                len(inputs))
+        keep = bool(low_res) or photo is not None
+        decoded = self._ordered(lambda i: pipeline.decode(i, inputs[i], labels[i], self.meta, keep), len(inputs))
+        per_film = 1 + bool(low_res) + (photo is not None)
         for film in decoded:
             if film.x is None:
                 skipped.append(film.index)
@@ -268,10 +272,12 @@ class Predictor:
                 xs.append(film.x)
                 if low_res:
                     xs.append(pipeline.preprocess(images.resize(film.gray, low_res), self.meta))
+                if photo is not None:
+                    xs.append(self._prepare(photo(film.gray, film.index), True))
             if len(xs) >= self.batch_size or (film.index == len(inputs) - 1 and xs):
                 rows.append(self._run(np.stack(xs))[1])
                 if progress:
-                    progress(len(xs) // (2 if low_res else 1))
+                    progress(len(xs) // per_film)
                 xs = []
         width = self._engine.num_features
         return (np.concatenate(rows) if rows else np.empty((0, width), np.float32)), skipped

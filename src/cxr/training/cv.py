@@ -96,11 +96,20 @@ def _start(cfg: TrainConfig, table: dict) -> None:
 def _train(cfg: TrainConfig, out: Path, parts: dict) -> tuple[Path, float]:
     """One training run in `out` (skipped when finished before); its model and the seconds it took."""
     final = out / "model.safetensors"
+    if final.exists():  # finished before: the seconds its epochs took, from its metrics.csv
+        return final, _logged_seconds(out / "metrics.csv")
     t0 = time.monotonic()
-    if not final.exists():
-        resume = cfg.resume and (out / "last.ckpt").exists()
-        fit(dataclasses.replace(cfg, out=out, parts=parts, resume=resume))
+    fit(dataclasses.replace(cfg, out=out, parts=parts, resume=cfg.resume and (out / "last.ckpt").exists()))
     return final, time.monotonic() - t0
+
+
+def _logged_seconds(path: Path) -> float:
+    import csv
+
+    if not path.exists():
+        return 0.0
+    with path.open() as f:
+        return float(sum(float(row.get("seconds") or 0) for row in csv.DictReader(f)))
 
 
 def score_out_of_fold(cfg: TrainConfig, films: Films, fold: np.ndarray, models: Sequence[Path],
