@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import importlib
 import threading
-import math
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from cxr.images.arrays import to_gray, to_pil  # noqa: F401 (to_gray is re-exported)
+from cxr.images.geometry import Quad, homography, mapped, quad_iou, shrunk, signed_area, warp  # noqa: F401 (re-exported)
 
 
 class _OnFirstUse:
@@ -54,7 +53,6 @@ WORK_SIDE = 160        # the finder's copy (and a film's orientation thumbnail's
 _MIN_SIDE = 96          # smaller than this, a picture is a thumbnail, not a photo worth cropping
 _MIN_FILM = 0.15       # a film photographed to be read fills at least this fraction of the photo
 _MIN_ENCLOSED = 0.02   # ... and before bright parts of it are peeled off the border, the border encloses this
-_FULL_FRAME_TOL = 0.03  # a quad this close to the frame's corners (fraction of the side) is the frame
 _MIN_IOU = 0.92        # the film's region and its quadrilateral agree, pixel by pixel
 _BOX_SHARE = 0.9       # a film passes at most ~0.8 of the light behind it: the box lies above this share of
 #                        its fitted level, the film (a glare aside) below it
@@ -64,100 +62,6 @@ _ACROSS = np.arange(-_REACH, _REACH + _STEP / 2, _STEP)
 _ALONG = np.linspace(0.15, 0.85, _SAMPLES)[None, :, None]  # the corners' regions left out
 _DIRECTIONS = np.stack([np.cos(np.arange(32) * np.pi / 16), np.sin(np.arange(32) * np.pi / 16)])
 _EIGHT, _FOUR = np.ones((3, 3), dtype=bool), np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
-
-
-@dataclass(frozen=True)
-class Quad:
-    """Four corners (x, y), clockwise from top-left, in continuous pixel coordinates of the image they
-    belong to: pixel (row i, column j) covers [j, j+1) x [i, i+1), so a W x H frame is (0,0),(W,0),(W,H),(0,H)."""
-
-    points: tuple[tuple[float, float], ...]
-
-    @classmethod
-    def from_array(cls, pts) -> Quad:
-        """Any 4 points of a convex quadrilateral, in any order; they are put clockwise from top-left."""
-        p = [(float(x), float(y)) for x, y in np.asarray(pts, dtype=np.float64).reshape(4, 2).tolist()]
-        cx, cy = sum(x for x, _ in p) / 4, sum(y for _, y in p) / 4  # four points: plain floats, no numpy calls
-        p.sort(key=lambda q: math.atan2(q[1] - cy, q[0] - cx))  # clockwise on screen (y down)
-        start = min(range(4), key=lambda i: p[i][0] + p[i][1])  # top-left: smallest x + y
-        return cls(tuple(p[start:] + p[:start]))
-
-    @classmethod
-    def frame(cls, width: int, height: int) -> Quad:
-        return cls(((0.0, 0.0), (float(width), 0.0), (float(width), float(height)), (0.0, float(height))))
-
-    def array(self) -> np.ndarray:
-        return np.array(self.points, dtype=np.float64)
-
-    def scaled(self, sx: float, sy: float) -> Quad:
-        return Quad(tuple((x * sx, y * sy) for x, y in self.points))
-
-    def area(self) -> float:
-        p = self.points
-        return 0.5 * abs(sum(p[i - 1][0] * p[i][1] - p[i][0] * p[i - 1][1] for i in range(len(p))))
-
-    def is_frame(self, width: int, height: int, tol: float = _FULL_FRAME_TOL) -> bool:
-        d = np.abs(self.array() - Quad.frame(width, height).array()) / np.array([width, height])
-        return bool(d.max() <= tol)
-
-
-def _signed_area(p: np.ndarray) -> float:
-    x, y = p[:, 0], p[:, 1]
-    return 0.5 * float(x[:-1] @ y[1:] + x[-1] * y[0] - x[1:] @ y[:-1] - x[0] * y[-1])
-
-
-def quad_iou(a: Quad, b: Quad) -> float:
-    """Intersection over union of two convex quadrilaterals, exactly (Sutherland-Hodgman clipping)."""
-    pb = b.array()
-    sign = 1.0 if _signed_area(pb) > 0 else -1.0
-    poly = list(a.array())
-    for e0, e1 in zip(pb, np.roll(pb, -1, axis=0)):  # keep what lies on the inner side of each edge of b
-        side = [sign * ((e1[0] - e0[0]) * (q[1] - e0[1]) - (e1[1] - e0[1]) * (q[0] - e0[0])) for q in poly]
-        out = []
-        for i, cur in enumerate(poly):
-            if (side[i] >= 0) != (side[i - 1] >= 0):  # this side of the polygon crosses the edge
-                out.append(poly[i - 1] + side[i - 1] / (side[i - 1] - side[i]) * (cur - poly[i - 1]))
-            if side[i] >= 0:
-                out.append(cur)
-        poly = out
-    inter = abs(_signed_area(np.array(poly))) if len(poly) >= 3 else 0.0
-    union = a.area() + b.area() - inter
-    return inter / union if union > 0 else 0.0
-
-
-def homography(src, dst) -> np.ndarray:
-    """The 3x3 projective map taking the 4 points `src` to the 4 points `dst` (x, y each)."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(np.asarray(src, float), np.asarray(dst, float), strict=True):
-        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
-        rhs += [u, v]
-    h = np.linalg.solve(np.array(rows), np.array(rhs))
-    return np.append(h, 1.0).reshape(3, 3)
-
-
-def warp(gray: np.ndarray, out_to_in: np.ndarray, size: tuple[int, int], fill: float = 0.0) -> np.ndarray:
-    """Resample `gray` into a (width, height) canvas; `out_to_in` maps output coordinates to input ones."""
-    h = out_to_in / out_to_in[2, 2]
-    out = _mapped(gray).transform(size, Image.Transform.PERSPECTIVE, tuple(h.ravel()[:8]),
-                                  Image.Resampling.BILINEAR, fillcolor=float(fill))
-    return np.asarray(out, dtype=np.float32)
-
-
-def _mapped(gray: np.ndarray) -> Image.Image:
-    """A Pillow 'F' image on the array's memory: `to_pil` copies (frombuffer maps 8- and 16-bit modes only;
-    its map_buffer maps 'F' too), and copying a full-size photo cost a third of shrinking it."""
-    a = np.ascontiguousarray(gray, dtype=np.float32)
-    try:
-        im = Image.new("F", (0, 0))._new(Image.core.map_buffer(a, (a.shape[1], a.shape[0]), "raw", 0, ("F", 0, 1)))
-    except Exception:  # noqa: BLE001 - only slower
-        return to_pil(a)
-    im.readonly = 1
-    return im
-
-
-def shrunk(gray: np.ndarray, factor: int) -> np.ndarray:
-    """`gray` box-shrunk by a whole factor (Pillow's reduce, reading the array in place)."""
-    return np.asarray(_mapped(gray).reduce(int(factor)), dtype=np.float32)
 
 
 def _quantiles(a: np.ndarray, *qs: float) -> list[float]:
@@ -276,7 +180,7 @@ def _four_corners(hull: np.ndarray) -> np.ndarray:
     the vertex losing least area, four times over, can drop a corner that its neighbours crowd)."""
     idx, c = np.arange(len(hull)), np.outer(hull[:, 0], hull[:, 1])
     c = c - c.T  # x_i y_j - y_i x_j: twice triangle (i, j, k)'s signed area is c_ij + c_jk + c_ki
-    tri = (c[:, :, None] + c[None, :, :] + c.T[:, None, :]) * np.sign(_signed_area(hull))
+    tri = (c[:, :, None] + c[None, :, :] + c.T[:, None, :]) * np.sign(signed_area(hull))
     inner = np.where((idx[:, None, None] < idx[None, :, None]) & (idx[None, :, None] < idx[None, None, :]),
                      tri, -np.inf)  # (i, j, k) with i < j < k
     # quad i < j < k < l is triangles (i, j, k) + (i, k, l): for each diagonal (i, k), the best j and l
@@ -349,7 +253,7 @@ def _quad_of(region: np.ndarray, s: np.ndarray) -> Quad | None:
     # ConvexHull cost a tenth of the whole search; a film's corner is extreme over a quarter turn)
     extreme = np.argmax(outline @ _DIRECTIONS, axis=0)
     hull = outline[extreme[np.sort(np.unique(extreme, return_index=True)[1])]]
-    if len(hull) < 4 or area < 0.9 * abs(_signed_area(hull)):
+    if len(hull) < 4 or area < 0.9 * abs(signed_area(hull)):
         return None
     corners = _refine(_four_corners(hull), s)
     if corners is None:
@@ -372,7 +276,7 @@ def working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
     s = min(1.0, WORK_SIDE / max(h, w))
     if s >= 1.0:
         return np.asarray(gray, dtype=np.float32), 1.0
-    im = _mapped(gray)
+    im = mapped(gray)
     if int(1 / s) >= 2:
         im = im.reduce(int(1 / s))  # integer box shrink first: several times faster than resize alone
     size = (max(1, round(w * s)), max(1, round(h * s)))
