@@ -44,7 +44,8 @@ def fit_from_oof(oof: dict, findings: Sequence[str], policy: str, *, folds: int,
         if note:
             notes[f] = note
     crossed, flags = _cross_fitted(oof, findings, policy, folds, softmax)
-    return {"within": within_source(oof, findings, n_boot), "policy": policy, "calibration": {f: {"a": v[0], "b": v[1]} for f, v in fits.items() if v},
+    return {"within": within_source(oof, findings, n_boot), "policy": policy,
+            "calibration": {f: {"a": v[0], "b": v[1]} for f, v in fits.items() if v},
             "thresholds": thresholds, "notes": notes, "p_calibrated": p_cal, "p_cross": crossed,
             "flags_cross": flags, "y_all": y, "raw": metrics.summarize(y, p, list(findings), n_boot=n_boot)}
 
@@ -69,6 +70,11 @@ def _evidence(fitted: dict, f: str) -> dict:
     e = (w or fitted["raw"])["per_finding"][f]
     return {"auc": e.get("auc"), "auc_ci": e.get("auc_ci"),
             "basis": "within-source pairs" if w else "all out-of-fold films"}
+
+
+def _within_words(fitted: dict) -> str:
+    w = fitted.get("within")
+    return "; AUC from pairs within each source: " + ", ".join(w["groups"]) if w else ""
 
 
 def _cross_fitted(oof: dict, findings, policy: str, folds: int, softmax: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -106,8 +112,7 @@ def assessment(fitted: dict, findings: Sequence[str], y: np.ndarray, folds: int)
     for j, f in enumerate(findings):
         e = {**_evidence(fitted, f), "auc_pooled": raw[f]["auc"], "n_positive": int(y[:, j].sum()),
              "n_negative": int(len(y) - y[:, j].sum()),
-             "source": _source(folds, len(y)) + ("; AUC from pairs within each source: "
-                                                  + ", ".join(fitted["within"]["groups"]) if fitted.get("within") else ""),
+             "source": _source(folds, len(y)) + _within_words(fitted),
              "brier_skill": _finite(cal[f]["brier_skill"]), "ece": _finite(cal[f]["ece"])}
         if f in fitted["notes"]:
             e["note"] = fitted["notes"][f]
@@ -144,15 +149,16 @@ def cv_report(oof: dict, findings: Sequence[str], fitted: dict, *, folds: int, n
         evidence = _evidence(fitted, f)
         assessed, reason = C.assessed((evidence["auc_ci"] or [None])[0])
         per_finding[f].update(evidence_auc=evidence["auc"], evidence_auc_ci=evidence["auc_ci"],
-                              evidence_basis=evidence["basis"], threshold=fitted["thresholds"][f], assessed=assessed, reason=reason,
-                              calibration=fitted["calibration"].get(f))
+                              evidence_basis=evidence["basis"], threshold=fitted["thresholds"][f],
+                              assessed=assessed, reason=reason, calibration=fitted["calibration"].get(f))
     # What the shipped model shows: a not-assessed finding is never flagged, whatever its score.
     shown = np.array([per_finding[f]["assessed"] for f in findings], dtype=bool)
     flags = fitted["flags_cross"] & shown
+    within = {k: fitted["within"][k] for k in ("macro_auc", "macro_auc_ci")} if fitted.get("within") else None
     return {
         "folds": folds, "n_films": len(y), "n_patients": len(set(map(str, oof["patient"]))),
-        "pooled": _brief(raw), "by_source": by_source,
-        "within_source": {k: fitted["within"][k] for k in ("macro_auc", "macro_auc_ci")} if fitted.get("within") else None, "per_fold": per_fold, "per_finding": per_finding,
+        "pooled": _brief(raw), "by_source": by_source, "within_source": within, "per_fold": per_fold,
+        "per_finding": per_finding,
         "operating_point": {"policy": fitted["policy"], "notes": fitted["notes"]},
         "calibration": {
             "method": "Platt per finding on out-of-fold logits",
@@ -193,7 +199,8 @@ def ship(refit: Path, out: Path, fitted: dict, report: dict, *, folds: int) -> P
                                                        for k in ("brier", "brier_skill", "ece")},
                    flags_per_film=report["flags_per_film"])
     provenance = dict(meta.provenance, shipped="refit on all films (the fold ensemble is not built)",
-                      cv={k: report.get(k) for k in ("folds", "n_films", "n_patients", "pooled", "by_source", "within_source")}
+                      cv={k: report.get(k) for k in ("folds", "n_films", "n_patients", "pooled", "by_source",
+                                                     "within_source")}
                       | {"per_fold_macro_auc": [f["macro_auc"] for f in report["per_fold"]]})
     meta = dataclasses.replace(
         meta, thresholds=dict(meta.thresholds, **fitted["thresholds"]), calibration=fitted["calibration"],
