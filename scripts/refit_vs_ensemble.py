@@ -3,8 +3,8 @@ refit of the same recipe on every film? Measured, not assumed (issue 10).
 
 A patient-grouped fifth of the sample films is set aside (fold 1 of 5, seed 1: other folds than the
 recipe's). On the rest, `cxr train --cv K` with the bundle recipe trains K fold models and the refit.
-Both candidates then score the set-aside films: macro AUC with a paired bootstrap 95% CI of the
-difference, and films/s through the Predictor (the ensemble runs K networks per film).
+Both candidates then score the set-aside films: macro AUC (pooled, and within each source) with a
+paired bootstrap 95% CI of the pooled difference, and films/s through the Predictor (the ensemble runs K networks per film).
 
 Run from the repository root:  .venv/bin/python scripts/refit_vs_ensemble.py [--folds 3] [--size 160]
 A killed run continues where it stopped (rerun the same command).
@@ -95,6 +95,11 @@ def main() -> None:
     print(f"set-aside films: {len(films)}, dev films: {sum(map(len, parts['dev'].values()))}; recipe {recipe}")
     for name, p, t, k in (("refit", p_refit, t_refit, 1), (f"{args.folds}-model ensemble", p_ens, t_ens, args.folds)):
         print(f"{name}: macro AUC {macro_auc(y, p):.3f}, {len(films) / t:.1f} films/s ({k} network(s) per film)")
+    source = np.array([f.parent.name for f in films])
+    for name, p in (("refit", p_refit), ("ensemble", p_ens)):  # pooled AUCs also credit telling sources apart
+        per = ", ".join(f"{s} {macro_auc(y[source == s], p[source == s]):.3f} ({(source == s).sum()} films)"
+                        for s in B.SOURCES)
+        print(f"{name} by source: {per}")
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     print(f"refit minus ensemble macro AUC: {macro_auc(y, p_refit) - macro_auc(y, p_ens):+.3f} (paired bootstrap "
           f"95% CI {lo:+.3f} to {hi:+.3f}); ensemble cost: {t_ens / t_refit:.1f}x the refit's")
