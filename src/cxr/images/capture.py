@@ -22,7 +22,7 @@ import threading
 import numpy as np
 from PIL import Image
 
-from cxr.images.arrays import to_gray, to_pil  # noqa: F401 (to_gray is re-exported)
+from cxr.images.arrays import quantiles, to_gray, to_pil  # noqa: F401 (to_gray is re-exported)
 from cxr.images.geometry import Quad, homography, mapped, quad_iou, shrunk, signed_area, warp  # noqa: F401 (re-exported)
 
 
@@ -64,15 +64,6 @@ _DIRECTIONS = np.stack([np.cos(np.arange(32) * np.pi / 16), np.sin(np.arange(32)
 _EIGHT, _FOUR = np.ones((3, 3), dtype=bool), np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
 
-def _quantiles(a: np.ndarray, *qs: float) -> list[float]:
-    """np.percentile(a, 100 * q) (linear) for each q from one np.partition: on the finder's small arrays
-    percentile's own overhead cost five times the selection."""
-    flat, last = a.ravel(), a.size - 1
-    part = np.partition(flat, sorted({min(int(q * last) + k, last) for q in qs for k in (0, 1)}))
-    lo = [int(q * last) for q in qs]
-    return [float(part[i] + (q * last - i) * (part[min(i + 1, last)] - part[i])) for q, i in zip(qs, lo)]
-
-
 def _flat(s: np.ndarray, limit: float) -> np.ndarray:
     """Pixels in some 2 x 2 block whose standard deviation is under `limit`: a border 2 px wide on the copy
     stays a closed ring (a 3 x 3 window needs 3). Slices, not scipy filters: a fifth of the time."""
@@ -105,7 +96,7 @@ def _holes(mask: np.ndarray, box: tuple[slice, slice]) -> tuple[np.ndarray, np.n
 def _light_box(s: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
     """(the light box's visible border, its bounding box), or None: of the bright, smooth regions, the one
     enclosing most, less what lies below `_BOX_SHARE` of the box's level there."""
-    top = _quantiles(s[::2, ::2], 0.995)[0]  # a quarter of the pixels give the same level
+    top = quantiles(s[::2, ::2], 0.995)[0]  # a quarter of the pixels give the same level
     if not top > 0.05:
         return None
     # within the bright pixels' bounding box (a pixel more for 2 x 2 blocks): a box is about half a photo
@@ -115,24 +106,25 @@ def _light_box(s: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
     lab, n = ndimage.label(_flat(sub, 0.04 * top) & bright[r, c], structure=_EIGHT)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     sizes[0] = 0
-    seeds = sub > 0.7 * top
+    # hysteresis: a glare can set `top`, and a box dims towards its corners, so dim parts join bright ones;
+    # a dim region without a bright pixel is no box (what binary_propagation would keep)
+    seeded = np.bincount(lab[sub > 0.7 * top], minlength=n + 1) > 0
+    boxes = ndimage.find_objects(lab)  # every region's bounding box in one pass, not a mask each
     best, enclosed, tried = None, _MIN_ENCLOSED * s.size, 0
     for i in np.argsort(sizes)[::-1]:  # the border is among the largest; a bright lung is not a ring
         if sizes[i] < 0.02 * s.size or tried == 5:
             break
-        comp = lab == i
-        # hysteresis: a glare can set `top`, and a box dims towards its corners, so dim parts join bright
-        # ones; a dim region without a bright pixel is no box (what binary_propagation would keep)
-        if not (comp & seeds).any():
+        if not seeded[i]:
             continue
         tried += 1
-        rows, cols, box = _extent(comp)
-        if len(rows) * len(cols) - sizes[i] >= enclosed:  # else its bounding box has no room for more
-            hole = int(_holes(comp, box)[1].sum())
+        box = boxes[i - 1]
+        if (box[0].stop - box[0].start) * (box[1].stop - box[1].start) - sizes[i] >= enclosed:
+            comp = lab[box] == i  # else its bounding box has no room for more
+            hole = int(_holes(comp, (slice(None), slice(None)))[1].sum())
             if hole >= enclosed:
                 at = (slice(box[0].start + r.start, box[0].stop + r.start),
                       slice(box[1].start + c.start, box[1].stop + c.start))  # in the whole copy
-                best, enclosed = (comp[box], at), hole
+                best, enclosed = (comp, at), hole
     if best is None:
         return None
     # a bright, smooth part of the film that touched the border lies below the box's level: peeled off in
@@ -261,10 +253,24 @@ def _quad_of(region: np.ndarray, s: np.ndarray) -> Quad | None:
     quad = Quad.from_array(corners)
     # the region and the quad agree pixel by pixel: on light-box photos their IoU was 0.95 or more, on the
     # bright-ringed lungs of films that got this far 0.89 or less
-    x, y, inside = np.arange(s.shape[1]) + 0.5, np.arange(s.shape[0])[:, None] + 0.5, np.ones(s.shape, bool)
-    for (ax, ay), (bx, by) in zip(quad.points, quad.points[1:] + quad.points[:1]):
-        inside &= (bx - ax) * (y - ay) - (by - ay) * (x - ax) >= 0  # clockwise: the inner side
+    inside = _inside(quad, s.shape)
     return quad if (inside & region).sum() >= _MIN_IOU * (inside | region).sum() else None
+
+
+def _inside(quad: Quad, shape: tuple[int, int]) -> np.ndarray:
+    """The pixels whose centres lie inside a convex, clockwise quad: per row, the span between the sides'
+    crossings (two comparisons a pixel, not four half-planes)."""
+    y = np.arange(shape[0]) + 0.5
+    lo, hi = np.full(shape[0], -np.inf), np.full(shape[0], np.inf)
+    for (ax, ay), (bx, by) in zip(quad.points, quad.points[1:] + quad.points[:1]):
+        if by == ay:  # a level side: the rows on its outer side are outside
+            lo = np.where((bx - ax) * (y - ay) >= 0, lo, np.inf)
+        elif by > ay:  # going down on screen: the inner side is to its left
+            hi = np.minimum(hi, ax + (bx - ax) * (y - ay) / (by - ay))
+        else:
+            lo = np.maximum(lo, ax + (bx - ax) * (y - ay) / (by - ay))
+    x = np.arange(shape[1]) + 0.5
+    return (x >= lo[:, None]) & (x <= hi[:, None])
 
 
 def working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
@@ -304,7 +310,7 @@ def find_film(gray: np.ndarray, *, work: tuple[np.ndarray, float] | None = None)
     region = np.zeros(s.shape, dtype=bool)
     region[box] = lab == np.argmax(sizes)
     # a light box outshines what it lights: the film's bright tenth stays below the border's typical level
-    if _quantiles(s[region], 0.9)[0] >= 0.95 * _quantiles(s[ring], 0.5)[0]:
+    if quantiles(s[region], 0.9)[0] >= 0.95 * quantiles(s[ring], 0.5)[0]:
         return None
     quad = _quad_of(region, s)
     quad = None if quad is None else quad.scaled(scale, scale)
@@ -335,7 +341,7 @@ def rectify(gray: np.ndarray, quad: Quad, *, inset: float = 0.01, size: tuple[in
         fill = float(np.median(g[::step, ::step]))
     out = warp(g, homography(rect, p), (wo, ho), fill=fill)
     if stretch:
-        lo, hi = _quantiles(out[::3, ::3], 0.005, 0.995)  # a ninth of the pixels give the same levels
+        lo, hi = quantiles(out[::3, ::3], 0.005, 0.995)  # a ninth of the pixels give the same levels
         out = (out - lo) / max(hi - lo, 1e-6)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
