@@ -59,8 +59,7 @@ function mode() {
 }
 
 const WHERE = {
-  device: "Read on this device: the film never left it. The search for a film on a light box runs on the server " +
-    "only, so here the whole picture is read as the film: for a photo, fill the frame with the film (or use the server).",
+  device: "Read on this device: the film never left it.",
   server: "Read on the server.",
 };
 
@@ -73,7 +72,7 @@ async function upload(file) {
   setStatus("Reading the film\u2026", true);
   if (mode() === "device") {
     const ticket = pending;
-    return finish(await cxrDevice.read(file), "device", ticket);
+    return finish(await cxrDevice.read(file, cxrCapture.choice(file)), "device", ticket);
   }
   const form = new FormData();
   form.append("file", file);
@@ -122,7 +121,6 @@ function render(result, where) {
   $("unassessed").replaceChildren(...unassessed.map(unassessedRow));
   $("not-assessed").hidden = unassessed.length === 0;
   cxrCapture.show(result);  // capture.js: the crop, the turn undone, the stability estimate
-  if (where === "device") $("crop-editor").hidden = true;  // crops are read on the server
   $("produced-by").textContent = WHERE[where];
   $("results").dataset.producedBy = where;
   $("results").hidden = false;

@@ -1,6 +1,7 @@
 // cxr page, the capture part: what was done to a photographed film before it was read (crop, turn), the
 // crop drawn over the photo with corners the user can drag, "read again" / "whole photo" / "retake", and
-// the stability estimate. app.js calls cxrCapture.query(file) when it uploads and cxrCapture.show(result).
+// the stability estimate. app.js calls cxrCapture.query(file) when it uploads to the server (or
+// cxrCapture.choice(file) when it reads on this device: the same crop) and cxrCapture.show(result).
 "use strict";
 
 const cxrCapture = (() => {
@@ -10,11 +11,18 @@ const cxrCapture = (() => {
   let points = null;      // the crop's 4 corners [x, y] in the image's pixels
   const byId = (id) => document.getElementById(id);
 
-  function query(f) {
-    // A new file starts afresh; the same file sent again carries the crop the user chose.
+  function choice(f) {
+    // What to do with this file: "" (look for the film), "full" or the corners as 8 numbers. A new file
+    // starts afresh; the same file read again carries the crop the user chose. The device reads it as is.
     const crop = f === file ? next : "";
     file = f;
     next = "";
+    return crop;
+  }
+
+  function query(f) {
+    // The same choice as the server's ?crop= parameter.
+    const crop = choice(f);
     return crop ? `&crop=${encodeURIComponent(crop)}` : "";
   }
 
@@ -95,5 +103,5 @@ const cxrCapture = (() => {
   }
 
   document.addEventListener("DOMContentLoaded", wire);
-  return { query, show };
+  return { choice, query, show };
 })();

@@ -67,18 +67,37 @@ const cxrImaging = (() => {
   }
 
   function reduce(src, w, h, f) {
-    // Pillow's Image.reduce(f): the mean of each f x f block, partial blocks at the edges over what they hold.
-    const ow = Math.ceil(w / f), oh = Math.ceil(h / f);
-    const out = new Float32Array(ow * oh);
-    for (let yy = 0; yy < oh; yy++) {
-      for (let xx = 0; xx < ow; xx++) {
-        let s = 0.0, n = 0;
-        for (let y = yy * f; y < Math.min(h, yy * f + f); y++) {
-          for (let x = xx * f; x < Math.min(w, xx * f + f); x++) { s += src[y * w + x]; n++; }
+    // Pillow's Image.reduce(f) on an "F" image (Reduce.c, ImagingReduceNxN_32bpc and ..Corners_32bpc), to
+    // the bit: whole blocks as float32 sums of 2 x 2 (and 2 x 1) groups added in double, times 1 / f^2;
+    // the partial blocks at the right and bottom edges summed pixel by pixel over what they hold.
+    const ow = Math.ceil(w / f), oh = Math.ceil(h / f), fw = Math.floor(w / f), fh = Math.floor(h / f);
+    const out = new Float32Array(ow * oh), odd = f & 1, m = 1.0 / (f * f);
+    for (let yy = 0; yy < fh; yy++) {
+      for (let xx = 0; xx < fw; xx++) {
+        const x0 = xx * f;
+        let ss = 0.0, y = yy * f;
+        for (; y < yy * f + f - 1; y += 2) {
+          const a = y * w, b = a + w;
+          let x = x0;
+          for (; x < x0 + f - 1; x += 2) ss += f32(f32(f32(src[a + x] + src[a + x + 1]) + src[b + x]) + src[b + x + 1]);
+          if (odd) ss += f32(src[a + x] + src[b + x]);
         }
-        out[yy * ow + xx] = s / n;
+        if (odd) {
+          let x = x0;
+          for (; x < x0 + f - 1; x += 2) ss += f32(src[y * w + x] + src[y * w + x + 1]);
+          ss += src[y * w + x];
+        }
+        out[yy * ow + xx] = ss * m;
       }
     }
+    const part = (xx, yy, x1, y1) => {  // a partial block, in double, over what it holds
+      let ss = 0.0;
+      for (let y = yy * f; y < y1; y++) for (let x = xx * f; x < x1; x++) ss += src[y * w + x];
+      out[yy * ow + xx] = ss * (1.0 / ((x1 - xx * f) * (y1 - yy * f)));
+    };
+    if (w % f) for (let yy = 0; yy < fh; yy++) part(fw, yy, w, yy * f + f);
+    if (h % f) for (let xx = 0; xx < fw; xx++) part(xx, fh, xx * f + f, h);
+    if (w % f && h % f) part(fw, fh, w, h);
     return { data: out, w: ow, h: oh };
   }
 
@@ -154,7 +173,8 @@ const cxrImaging = (() => {
     let im = { data: gray, w, h };
     const f = Math.trunc(1 / s);
     if (f >= 2) im = reduce(gray, w, h, f);
-    const ow = Math.max(1, Math.round(w * s)), oh = Math.max(1, Math.round(h * s));
+    const round = (x) => { const r = Math.round(x); return r - x === 0.5 && r % 2 ? r - 1 : r; };  // Python's round
+    const ow = Math.max(1, round(w * s)), oh = Math.max(1, round(h * s));
     return { data: resize(im.data, im.w, im.h, ow, oh, "box"), w: ow, h: oh };
   }
 
@@ -197,9 +217,10 @@ const cxrImaging = (() => {
     return out;
   }
 
-  function orientation(gray, w, h, o) {
+  function orientation(gray, w, h, o, asIs) {
     // {k, inverted, confidence}: the 8 hypotheses scored by the linear scorer, softmax, the best kept.
-    const work = workingCopy(gray, w, h, o.work_side);
+    // asIs: thumbnail `gray` itself (the working copy already made, or a rectified film, as pipeline.capture).
+    const work = asIs ? { data: gray, w, h } : workingCopy(gray, w, h, o.work_side);
     const thumb = thumbnail(work, o.thumb);
     const z = [], hyps = [];
     for (const inv of [false, true]) {
@@ -233,5 +254,5 @@ const cxrImaging = (() => {
     return parts.length ? "this film " + parts.join(" and ") : "";
   }
 
-  return { resize, toGray, colourfulness, imageCheck, orientation, correct, describe, pyFixed };
+  return { resize, reduce, workingCopy, toGray, colourfulness, imageCheck, orientation, correct, describe, pyFixed };
 })();

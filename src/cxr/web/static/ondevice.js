@@ -2,11 +2,14 @@
 // the page is cross-origin isolated), with what the server does around it, step for step (pipeline.admit,
 // Predictor._infer, routes.infer): decode, orientation, the gate's image checks, preprocessing, the
 // network, the gate's feature distance, calibrated independent probabilities, thresholds, "not assessed".
+// The capture stage too: a photographed film is found on its light box (finder.js), or cropped where the
+// user marked it, and rectified before it is read, as pipeline.capture does.
 // read(file) answers exactly the JSON the server's /api/v1/predict would: {status, body}.
 "use strict";
 
 const cxrDevice = (() => {
   const f32 = Math.fround;
+  const MIN_CROP_SHARE = 0.05;  // pipeline.MIN_CROP_SHARE: a crop smaller than this share of the photo is a mistake
   let cfg = null;       // /offline/model.json: everything the server knows that the page needs
   let session = null;   // the onnxruntime-web InferenceSession
   let loading = null;
@@ -74,22 +77,76 @@ const cxrDevice = (() => {
 
   const sentence = (t) => t.slice(0, 1).toUpperCase() + t.slice(1).replace(/\.+$/, "") + ".";
 
-  function capture(film) {
-    // pipeline.capture without the film finder (server only): orientation and polarity, corrected or refused.
-    const o = cfg.orientation, r = cxrImaging.orientation(film.gray, film.w, film.h, o);
-    const info = { crop: null, crop_source: "none", rotated_degrees: 90 * (r.k % 4), inverted: r.inverted,
+  function parseCrop(value) {
+    // routes.parse_crop: "" (look for the film), "full" (the whole image) or 8 numbers, the page's corners.
+    const v = String(value || "").trim().toLowerCase();
+    if (v === "" || v === "auto") return null;
+    if (v === "full" || v === "none") return "full";
+    const number = (t) => {  // Python's float(): "inf" and "nan" too (crop_quad refuses them), never ""
+      t = t.trim();
+      if (/^[+-]?inf(inity)?$/.test(t)) return t.startsWith("-") ? -Infinity : Infinity;
+      if (/^[+-]?nan$/.test(t)) return NaN;
+      return t === "" || Number.isNaN(Number(t)) ? undefined : Number(t);
+    };
+    const numbers = v.replace(/;/g, ",").split(",").map(number);
+    if (numbers.length !== 8 || numbers.includes(undefined)) {
+      throw new DeviceError(400, "bad_crop", "crop: give 8 numbers x0,y0,x1,y1,x2,y2,x3,y3 (the film's corners in " +
+        "the image's pixels), or 'full'");
+    }
+    return [0, 2, 4, 6].map((i) => [numbers[i], numbers[i + 1]]);
+  }
+
+  function cropQuad(p, w, h) {
+    // pipeline.crop_quad: the user's corners, checked (inside the image with 1% slack, convex, >= 5% of it).
+    const bad = (m) => new DeviceError(400, "bad_crop", m);
+    if (!p.flat().every(Number.isFinite)) throw bad("crop: the corners must be finite numbers");
+    const slack = 0.01 * Math.max(w, h);
+    if (p.some(([x, y]) => x < -slack || y < -slack || x > w + slack || y > h + slack)) {
+      throw bad(`crop: every corner must lie inside the ${w} x ${h} image`);
+    }
+    const q = cxrFinder.ordered(p.map(([x, y]) => [Math.min(Math.max(x, 0), w), Math.min(Math.max(y, 0), h)]));
+    const d = q.map((a, i) => [q[(i + 1) % 4][0] - a[0], q[(i + 1) % 4][1] - a[1]]);
+    const turns = d.map((a, i) => a[0] * d[(i + 1) % 4][1] - a[1] * d[(i + 1) % 4][0]);
+    if (!(turns.every((t) => t > 0) || turns.every((t) => t < 0))) {
+      throw bad("crop: the 4 corners must outline a convex quadrilateral (no crossed sides)");
+    }
+    const area = 0.5 * Math.abs(q.reduce((t, a, i) => t + q[(i + 3) % 4][0] * a[1] - a[0] * q[(i + 3) % 4][1], 0));
+    if (area < MIN_CROP_SHARE * w * h) throw bad("crop: the outline covers under 5% of the image; mark the whole film");
+    return q;
+  }
+
+  function capture(decoded, crop) {
+    // pipeline.capture: the film found on a light box (crop null), the user's corners, or the whole image
+    // ("full"); a found or given film rectified to the size _read_size chooses; then orientation and
+    // polarity, corrected or refused. {film: {data, w, h}, info (CaptureOut), refused}.
+    const o = cfg.orientation, { gray, w, h } = decoded, work = cxrImaging.workingCopy(gray, w, h, o.work_side);
+    let quad = null, source = "none";
+    if (Array.isArray(crop)) [quad, source] = cxrFinder.isFrame(crop, w, h) ? [null, "none"] : [crop, "given"];
+    else if (crop === null) [quad, source] = [cxrFinder.find(gray, w, h, work), "found"];
+    if (!quad) source = "none";
+    let film = quad ? cxrFinder.rectified(gray, w, h, quad, cfg.input_size) : { data: gray, w, h };
+    const seen = quad ? film : work;  // an uncropped film's orientation thumbnail comes from the working copy
+    const r = cxrImaging.orientation(seen.data, seen.w, seen.h, o, true);
+    const info = { crop_source: source, rotated_degrees: 90 * (r.k % 4), inverted: r.inverted,
       orientation_confidence: Math.round(r.confidence * 1e4) / 1e4, message: "" };
+    if (quad) {  // as the server answers with ?preview=true: the corners, and the photo to draw them over
+      info.crop = quad.map((p) => [p[0], p[1]]);
+      info.photo = preview({ data: gray, w, h });
+    }
+    const said = { found: "the film was found in the photo and cropped to it", given: "the film was cropped where you marked it" }[source] || "";
     if (r.confidence < o.min_confidence) {
-      info.refused = `could not tell which way up this film is, or whether it is a negative (orientation ` +
+      info.message = `could not tell which way up this film is, or whether it is a negative (orientation ` +
         `confidence ${r.confidence.toFixed(2)}, under ${o.min_confidence}), so it was not read; ` +
         "send the film upright, bones white, filling the frame";
-      return { film, info };
+      return { film, info, refused: info.message };
     }
     const turned = cxrImaging.describe(r.k, r.inverted);
-    if (!turned) return { film, info };
-    const done = r.k % 4 && r.inverted ? "it was turned and made positive" : r.k % 4 ? "it was turned" : "it was made positive";
-    info.message = `${turned}; ${done} before reading`;
-    return { film: cxrImaging.correct(film.gray, film.w, film.h, r.k, r.inverted), info };
+    if (turned) {
+      const done = r.k % 4 && r.inverted ? "it was turned and made positive" : r.k % 4 ? "it was turned" : "it was made positive";
+      film = cxrImaging.correct(film.data, film.w, film.h, r.k, r.inverted);
+      info.message = [said, `${turned}; ${done} before reading`].filter(Boolean).join("; ");
+    } else info.message = said;
+    return { film, info, refused: null };
   }
 
   function input(film) {
@@ -172,12 +229,13 @@ const cxrDevice = (() => {
     return canvas.toDataURL("image/png");
   }
 
-  async function run(decoded) {
-    const cap = capture(decoded);
-    const film = cap.film.data ? cap.film : { data: cap.film.gray, w: cap.film.w, h: cap.film.h };
-    const refused = cxrImaging.imageCheck(film.data, film.w, film.h, decoded.colour, cfg.checks);
+  async function run(decoded, crop) {
+    const cap = capture(decoded, crop === "full" || crop === null ? crop : cropQuad(crop, decoded.w, decoded.h));
+    const film = cap.film;
+    // colourfulness is the whole photo's: a room and a warm light box around a cropped film are not the film's
+    const refused = cxrImaging.imageCheck(film.data, film.w, film.h, cap.info.crop ? 0 : decoded.colour, cfg.checks);
     if (refused) return refusal(refused, null);
-    if (cap.info.refused) throw new DeviceError(422, "orientation_unsure", sentence(cap.info.refused));
+    if (cap.refused) throw new DeviceError(422, "orientation_unsure", sentence(cap.refused));
     const out = await session.run({ image: input(film) });
     const logits = out.logits.data, feats = out.features.data, cams = out.cams;
     const score = cfg.gate ? gateScore(feats) : null;
@@ -209,11 +267,13 @@ const cxrDevice = (() => {
         "Send a frontal (PA or AP) chest film, photographed flat and filling the frame." } };
   }
 
-  async function read(file) {
+  async function read(file, crop) {
     // {status, body} as the server would answer; errors a user can act on come back the same way.
+    // crop: what the server's ?crop= takes ("" or absent: look for the film; "full"; 8 numbers, the corners).
     try {
+      const wanted = parseCrop(crop);
       await load();
-      return await run(await decode(file));
+      return await run(await decode(file), wanted);
     } catch (e) {
       if (e instanceof DeviceError || e instanceof cxrDicom.DicomError) {
         return { status: e.status || 400, body: { error: e.code || "unsupported_image", message: e.message, produced_by: "device" } };
