@@ -105,7 +105,9 @@ def test_evaluation_is_the_same_on_a_cpu_with_native_bf16(monkeypatch, tmp_path,
     got = evaluate(None, [images_512], metadata_csv, tmp_path / "bf16", backend="torch")
     assert got["inference"]["precision"] == plain["inference"]["precision"] == "fp32"
     assert got["n_images"] == plain["n_images"] > 500
-    assert got["macro_auc"] == pytest.approx(plain["macro_auc"], abs=1e-6)
+    # the two backends' fp32 probabilities differ by ~1e-7, enough to swap a near-tie in the ranking (2e-6 of
+    # AUC on the Lite1 model); bf16 moved it by 5e-3
+    assert got["macro_auc"] == pytest.approx(plain["macro_auc"], abs=2e-5)
     for finding, entry in plain["per_finding"].items():
-        assert got["per_finding"][finding]["auc"] == pytest.approx(entry["auc"], abs=1e-6), finding
+        assert got["per_finding"][finding]["auc"] == pytest.approx(entry["auc"], abs=1e-4), finding
     assert (tmp_path / "plain" / "report.html").exists()

@@ -310,13 +310,17 @@ const cxrFinder = (() => {
     const q = ordered(corners);
     let inter = 0, union = 0;
     for (let y = 0; y < h; y++) {
+      // capture._inside: per row, the span between the sides' crossings
+      let lo = -Infinity, hi = Infinity;
+      const yc = y + 0.5;
+      for (let i = 0; i < 4; i++) {
+        const [ax, ay] = q[i], [bx, by] = q[(i + 1) % 4];
+        if (by === ay) { if (!((bx - ax) * (yc - ay) >= 0)) lo = Infinity; }
+        else if (by > ay) hi = Math.min(hi, ax + (bx - ax) * (yc - ay) / (by - ay));
+        else lo = Math.max(lo, ax + (bx - ax) * (yc - ay) / (by - ay));
+      }
       for (let x = 0; x < w; x++) {
-        let inside = true;
-        for (let i = 0; i < 4 && inside; i++) {
-          const [ax, ay] = q[i], [bx, by] = q[(i + 1) % 4];
-          inside = (bx - ax) * (y + 0.5 - ay) - (by - ay) * (x + 0.5 - ax) >= 0;
-        }
-        const r = region[y * w + x];
+        const inside = x + 0.5 >= lo && x + 0.5 <= hi, r = region[y * w + x];
         inter += inside && r; union += inside || r;
       }
     }
