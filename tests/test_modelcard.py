@@ -33,3 +33,15 @@ def test_summary_is_what_the_page_shows():
     assert s["not_for_clinical_use"] is True
     assert set(s["per_finding_auc"]) == set(FINDINGS)
     assert s["macro_auc_ci"] is not None and len(s["macro_auc_ci"]) == 2
+
+
+def test_card_explains_films_outnumbering_the_split_names():
+    """The same film under two --data sources (512 px and 64 px) is one name in the split, two training films."""
+    import dataclasses
+
+    meta = _meta()
+    split = {"kind": "all", "seed": 0, "sizes": {"train": 1239, "val": 0, "test": 0}}
+    text = modelcard.render(dataclasses.replace(meta, provenance={**meta.provenance, "split": split, "n_train": 1242}))
+    assert "Training films: 1242 (3 image names found under two --data sources" in text
+    same = {**meta.provenance, "split": dict(split, sizes={"train": 1242}), "n_train": 1242}
+    assert "two --data sources" not in modelcard.render(dataclasses.replace(meta, provenance=same))

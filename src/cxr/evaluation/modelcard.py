@@ -48,6 +48,14 @@ INTENDED_USE = ("Demonstration, teaching and software testing of the cxr pipelin
                 "research on methods. Not for clinical decisions.")
 
 
+def _twice(p: dict, split: dict) -> str:
+    """Why the training films outnumber the split's names: a name found under two --data sources (the same
+    film at two resolutions) is one name in the split and two films in training, always in the same part."""
+    extra = (p.get("n_train") or 0) - (split.get("sizes") or {}).get("train", 0)
+    return (f" ({extra} image name{'s' if extra > 1 else ''} found under two --data sources, the same film at two "
+            "resolutions: one name in the split, trained on at both)") if extra > 0 else ""
+
+
 def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None = None) -> str:
     m, p = meta.metrics or {}, meta.provenance or {}
     split = p.get("split", {})
@@ -69,8 +77,10 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
         "## Data",
         f"- {p.get('data', 'NIH ChestX-ray14')}",
         f"- Task: `{meta.task}`. Split: `{split.get('kind', '?')}` (seed {split.get('seed', '?')}), sizes "
-        f"{split.get('sizes', {})}, patients shared between parts: {split.get('patient_overlap', {})}.",
-        f"- Training films: {p.get('n_train', '?')}. Labels: NIH's text-mined labels (noisy; Wang et al. 2017).",
+        f"{split.get('sizes', {})} (image names), patients shared between parts: "
+        f"{split.get('patient_overlap', {})}.",
+        f"- Training films: {p.get('n_train', '?')}{_twice(p, split)}. Labels: NIH's text-mined labels "
+        "(noisy; Wang et al. 2017).",
         "",
         "## Training",
         f"- Command: `{p.get('command', '?')}`",
