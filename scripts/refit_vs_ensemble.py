@@ -6,7 +6,8 @@ recipe's). On the rest, `cxr train --cv K` with the bundle recipe trains K fold 
 Both candidates then score the set-aside films: macro AUC (pooled, and within each source) with a
 paired bootstrap 95% CI of the pooled difference, and films/s through the Predictor (the ensemble runs K networks per film).
 
-Run from the repository root:  .venv/bin/python scripts/refit_vs_ensemble.py [--folds 3] [--size 160]
+Run from the repository root:  .venv/bin/python scripts/refit_vs_ensemble.py [--folds 3] [--size 160] [--arch A]
+(default: the bundle recipe's; each recipe trains into its own runs/refit-vs-ensemble/cv-ARCH-SIZE).
 A killed run continues where it stopped (rerun the same command).
 """
 
@@ -70,11 +71,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--size", type=int, default=B.RECIPE["size"])
+    ap.add_argument("--arch", default=B.RECIPE["arch"])
     args = ap.parse_args()
     parts = split_films()
     link(parts)
-    recipe = dict(B.RECIPE, folds=args.folds, size=args.size)
-    cv = RUN / "cv"
+    recipe = dict(B.RECIPE, folds=args.folds, size=args.size, arch=args.arch)
+    cv = RUN / f"cv-{args.arch}-{args.size}"
     if not (cv / "cv.json").exists():
         B.cxr(B.train_args(recipe, cv, sources=[str(RUN / "dev" / s) for s in B.SOURCES]))
 
