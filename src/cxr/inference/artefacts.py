@@ -210,3 +210,18 @@ class Runtime:
     def cams(self, x: np.ndarray, targets) -> np.ndarray:
         """Grad-CAM maps N x K x h x w (feature-map resolution, each normalised to max 1)."""
         return self.classify_with_cams(x, targets)[2]
+
+
+class RuntimeEngine:
+    """A checkpoint's ONNX artefacts (Runtime) behind the engine interface of torchpath.TorchEngine."""
+
+    model = None
+
+    def __init__(self, rt: Runtime):
+        self.runtime, self.num_features = rt, rt.num_features
+
+    def run(self, x: np.ndarray, *, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.runtime.classify(x)  # fp32 always: the Runtime is only chosen for fp32
+
+    def with_maps(self, x: np.ndarray, targets: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.runtime.classify_with_cams(x, targets)

@@ -105,7 +105,7 @@ class Predictor:
         stale = artefacts.stale_reason(path) if why is None else None
         if why is None and stale is None:
             rt = artefacts.Runtime(path, threads=threads, check=False)  # checked just now
-            engine, meta, extra = _RuntimeEngine(rt), rt.meta, rt.extra
+            engine, meta, extra = artefacts.RuntimeEngine(rt), rt.meta, rt.extra
         else:
             from cxr.inference import torchpath
 
@@ -145,7 +145,7 @@ class Predictor:
             raise CxrError(f"batch_size must be at least 1, got {batch_size}")
         self.path, self.meta, self._engine = path, meta, engine
         self.model = engine.model  # the torch network, or None on the torch-free runtime
-        self.torch_free = isinstance(engine, _RuntimeEngine)
+        self.torch_free = isinstance(engine, artefacts.RuntimeEngine)
         self.gate = gate.Gate(meta, extra, engine.num_features)
         self.batch_size, self.threads = int(batch_size), threads
         self.backend, self.precision = backend, precision
@@ -373,21 +373,6 @@ class Predictor:
         why = {f: self.assessed[f][1] for f in self.findings if not ok[f]}
         return Prediction(film.name, p, t, {f: ok[f] and p[f] >= t[f] for f in self.findings}, ok, why,
                           gate_score=score, size=film.size, heatmaps=maps)
-
-
-class _RuntimeEngine:
-    """A checkpoint's ONNX artefacts (artefacts.Runtime) behind the engine interface of torchpath.TorchEngine."""
-
-    model = None
-
-    def __init__(self, rt: artefacts.Runtime):
-        self.runtime, self.num_features = rt, rt.num_features
-
-    def run(self, x: np.ndarray, *, precision: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.runtime.classify(x)  # fp32 always: the Runtime is only chosen for fp32
-
-    def with_maps(self, x: np.ndarray, targets: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.runtime.classify_with_cams(x, targets)
 
 
 _note_lock = threading.Lock()
