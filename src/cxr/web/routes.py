@@ -215,11 +215,13 @@ def _f32(a) -> str:
 
 
 def offline_config(predictor, served) -> dict:
-    """What ondevice.js reproduces: preprocessing, capture (orientation), the gate, probabilities, verdicts."""
+    """What ondevice.js reproduces: preprocessing, capture (finder, orientation), the gate, probabilities,
+    verdicts, the stability estimate."""
     from cxr.explain.maps import JET
     from cxr.images import capture as camera
     from cxr.inference import gate as gates
     from cxr.inference import preprocess as convention
+    from cxr.inference import stability as stab
     from cxr.tasks import get_task
 
     meta = predictor.meta
@@ -245,6 +247,9 @@ def offline_config(predictor, served) -> dict:
                    "max_flat_share": gates.MAX_FLAT_SHARE, "sample_side": gates._SAMPLE_SIDE},
         "orientation": {"weights": _f32(weights), "mean": _f32(mean), "scale": _f32(scale), "thumb": camera.THUMB,
                         "work_side": camera.WORK_SIDE, "min_confidence": pipeline.MIN_ORIENTATION_CONFIDENCE},
+        "capture": {"read_scale": pipeline.READ_SCALE, "min_crop_share": pipeline.MIN_CROP_SHARE},
+        "stability": {"variants": list(stab.VARIANTS), "tilt_deg": stab.TILT_DEG, "jpeg_quality": stab.JPEG_QUALITY,
+                      "gamma": stab.GAMMA, "lift": stab.LIFT, "limit": stab.LIMIT},
         "jet": JET.astype(int).ravel().tolist(), "heatmap_max_side": render.HEATMAP_MAX_SIDE,
         "heat_max_alpha": render.HEAT_MAX_ALPHA, "preview_max_side": render.PREVIEW_MAX_SIDE,
     }

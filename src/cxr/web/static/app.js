@@ -72,7 +72,8 @@ async function upload(file) {
   setStatus("Reading the film\u2026", true);
   if (mode() === "device") {
     const ticket = pending;
-    return finish(await cxrDevice.read(file, cxrCapture.choice(file)), "device", ticket);
+    // the same question as the server's: the crop, and the stability estimate (stability=true)
+    return finish(await cxrDevice.read(file, cxrCapture.choice(file), { stability: true }), "device", ticket);
   }
   const form = new FormData();
   form.append("file", file);

@@ -9,7 +9,7 @@ const cxrFinder = (() => {
   const f32 = Math.fround;
   const MIN_SIDE = 96, MIN_FILM = 0.15, MIN_ENCLOSED = 0.02, MIN_IOU = 0.92, BOX_SHARE = f32(0.9);
   const REACH = 4.0, STEP = 0.5, SAMPLES = 24, ENOUGH = 6, INSET = 0.01, FRAME_TOL = 0.03;
-  const READ_SCALE = 1.0;  // pipeline.READ_SCALE: a found film is rectified to the model's input side
+  const READ_SCALE = 1.0;  // pipeline.READ_SCALE (model.json's capture.read_scale overrides it)
   const ACROSS = Array.from({ length: 17 }, (_, i) => -REACH + i * STEP);  // np.arange(-4, 4.25, 0.5)
   const ALONG = Array.from({ length: SAMPLES }, (_, i) => (i === SAMPLES - 1 ? 0.85 : i * ((0.85 - 0.15) / 23) + 0.15));
   const DIRS = Array.from({ length: 32 }, (_, k) => [Math.cos((k * Math.PI) / 16), Math.sin((k * Math.PI) / 16)]);
@@ -374,9 +374,9 @@ const cxrFinder = (() => {
 
   const pyRound = (x) => { const r = Math.round(x); return r - x === 0.5 && r % 2 ? r - 1 : r; };  // half to even
 
-  function readSize(quad, side) {
+  function readSize(quad, side, readScale = READ_SCALE) {
     // pipeline._read_size: the film's own aspect, its long side READ_SCALE x the input side (at most the photo's)
-    const [w, h] = sides(quad), scale = Math.min(1.0, (READ_SCALE * side) / Math.max(w, h));
+    const [w, h] = sides(quad), scale = Math.min(1.0, (readScale * side) / Math.max(w, h));
     return [Math.max(8, pyRound(w * scale)), Math.max(8, pyRound(h * scale))];
   }
 
@@ -413,10 +413,10 @@ const cxrFinder = (() => {
     return out.map((v) => Math.min(1, Math.max(0, f32(f32(v - flo) / d))));
   }
 
-  function rectified(gray, w, h, quad, side) {
+  function rectified(gray, w, h, quad, side, readScale = READ_SCALE) {
     // pipeline._rectified: {data, w, h}, the film at readSize, warped from a copy box-shrunk by a whole
     // factor to at most twice that (Pillow's reduce), so the warp's bilinear taps do not alias.
-    const size = readSize(quad, side), shrink = Math.trunc(Math.max(...sides(quad)) / (2 * Math.max(...size)));
+    const size = readSize(quad, side, readScale), shrink = Math.trunc(Math.max(...sides(quad)) / (2 * Math.max(...size)));
     const im = shrink >= 2 ? cxrImaging.reduce(gray, w, h, shrink) : { data: gray, w, h };
     const q = shrink >= 2 ? quad.map(([x, y]) => [x * (1 / shrink), y * (1 / shrink)]) : quad;
     return { data: rectify(im.data, im.w, im.h, q, size), w: size[0], h: size[1] };

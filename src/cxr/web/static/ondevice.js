@@ -3,13 +3,14 @@
 // Predictor._infer, routes.infer): decode, orientation, the gate's image checks, preprocessing, the
 // network, the gate's feature distance, calibrated independent probabilities, thresholds, "not assessed".
 // The capture stage too: a photographed film is found on its light box (finder.js), or cropped where the
-// user marked it, and rectified before it is read, as pipeline.capture does.
+// user marked it, and rectified before it is read, as pipeline.capture does; and, when asked, the
+// stability estimate over test-time variants of the film as read (stability.js), as Predictor._stability.
 // read(file) answers exactly the JSON the server's /api/v1/predict would: {status, body}.
 "use strict";
 
 const cxrDevice = (() => {
   const f32 = Math.fround;
-  const MIN_CROP_SHARE = 0.05;  // pipeline.MIN_CROP_SHARE: a crop smaller than this share of the photo is a mistake
+  const MIN_CROP_SHARE = 0.05;  // pipeline.MIN_CROP_SHARE, for a cached model.json without capture.min_crop_share
   let cfg = null;       // /offline/model.json: everything the server knows that the page needs
   let session = null;   // the onnxruntime-web InferenceSession
   let loading = null;
@@ -111,7 +112,10 @@ const cxrDevice = (() => {
       throw bad("crop: the 4 corners must outline a convex quadrilateral (no crossed sides)");
     }
     const area = 0.5 * Math.abs(q.reduce((t, a, i) => t + q[(i + 3) % 4][0] * a[1] - a[0] * q[(i + 3) % 4][1], 0));
-    if (area < MIN_CROP_SHARE * w * h) throw bad("crop: the outline covers under 5% of the image; mark the whole film");
+    const share = (cfg.capture || {}).min_crop_share ?? MIN_CROP_SHARE;
+    if (area < share * w * h) {
+      throw bad(`crop: the outline covers under ${Math.round(share * 100)}% of the image; mark the whole film`);
+    }
     return q;
   }
 
@@ -124,7 +128,8 @@ const cxrDevice = (() => {
     if (Array.isArray(crop)) [quad, source] = cxrFinder.isFrame(crop, w, h) ? [null, "none"] : [crop, "given"];
     else if (crop === null) [quad, source] = [cxrFinder.find(gray, w, h, work), "found"];
     if (!quad) source = "none";
-    let film = quad ? cxrFinder.rectified(gray, w, h, quad, cfg.input_size) : { data: gray, w, h };
+    let film = quad ? cxrFinder.rectified(gray, w, h, quad, cfg.input_size, (cfg.capture || {}).read_scale)
+      : { data: gray, w, h };
     const seen = quad ? film : work;  // an uncropped film's orientation thumbnail comes from the working copy
     const r = cxrImaging.orientation(seen.data, seen.w, seen.h, o, true);
     const info = { crop_source: source, rotated_degrees: 90 * (r.k % 4), inverted: r.inverted,
@@ -149,15 +154,28 @@ const cxrDevice = (() => {
     return { film, info, refused: null };
   }
 
-  function input(film) {
-    // pipeline.preprocess: squashed to S x S (antialiased bilinear), 3 channels, minus mean, over std (float32).
-    const s = cfg.input_size, small = cxrImaging.resize(film.data, film.w, film.h, s, s, "bilinear");
-    const x = new Float32Array(3 * s * s);
-    for (let c = 0; c < 3; c++) {
-      const m = f32(cfg.mean[c]), sd = f32(cfg.std[c]);
-      for (let i = 0; i < s * s; i++) x[c * s * s + i] = f32(f32(small[i] - m) / sd);
-    }
-    return new ort.Tensor("float32", x, [1, 3, s, s]);
+  function input(...films) {
+    // pipeline.preprocess, a batch of films: squashed to S x S (antialiased bilinear), 3 channels, minus
+    // mean, over std (float32).
+    const s = cfg.input_size, n = s * s, x = new Float32Array(films.length * 3 * n);
+    films.forEach((film, b) => {
+      const small = cxrImaging.resize(film.data, film.w, film.h, s, s, "bilinear");
+      for (let c = 0; c < 3; c++) {
+        const m = f32(cfg.mean[c]), sd = f32(cfg.std[c]), at = (3 * b + c) * n;
+        for (let i = 0; i < n; i++) x[at + i] = f32(f32(small[i] - m) / sd);
+      }
+    });
+    return new ort.Tensor("float32", x, [films.length, 3, s, s]);
+  }
+
+  async function stability(film, p) {
+    // Predictor._stability: the film's test-time variants (stability.js), preprocessed as films are, one
+    // batched forward, the largest move of the reported findings' probabilities (the server's StabilityOut).
+    const side = 2 * cfg.input_size, made = await cxrStability.variants(film, side, cfg);
+    const films = Object.values(made).map((data) => ({ data, w: side, h: side }));
+    const logits = (await session.run({ image: input(...films) })).logits.data, k = logits.length / films.length;
+    const pv = films.map((_, v) => probabilities(logits.subarray(v * k, (v + 1) * k)));
+    return cxrStability.measure(p, pv, cfg.columns, cfg);
   }
 
   function gateScore(feats) {
@@ -229,7 +247,7 @@ const cxrDevice = (() => {
     return canvas.toDataURL("image/png");
   }
 
-  async function run(decoded, crop) {
+  async function run(decoded, crop, options = {}) {
     const cap = capture(decoded, crop === "full" || crop === null ? crop : cropQuad(crop, decoded.w, decoded.h));
     const film = cap.film;
     // colourfulness is the whole photo's: a room and a warm light box around a cropped film are not the film's
@@ -256,8 +274,10 @@ const cxrDevice = (() => {
       return f;
     });
     for (const n of Object.keys(heat)) if (!heat[n]) delete heat[n];
-    return { status: 200, body: { findings, model: cfg.model, image: { width: decoded.w, height: decoded.h, preview: preview(film) },
-      gate_score: score, heatmaps: heat, capture: cap.info, produced_by: "device" } };
+    const body = { findings, model: cfg.model, image: { width: decoded.w, height: decoded.h, preview: preview(film) },
+      capture: cap.info };
+    if (options && options.stability) body.stability = await stability(film, p);  // ?stability=true
+    return { status: 200, body: { ...body, gate_score: score, heatmaps: heat, produced_by: "device" } };
   }
 
   function refusal(clause, score) {
@@ -267,13 +287,14 @@ const cxrDevice = (() => {
         "Send a frontal (PA or AP) chest film, photographed flat and filling the frame." } };
   }
 
-  async function read(file, crop) {
+  async function read(file, crop, options = {}) {
     // {status, body} as the server would answer; errors a user can act on come back the same way.
     // crop: what the server's ?crop= takes ("" or absent: look for the film; "full"; 8 numbers, the corners).
+    // options.stability: also the stability estimate, as ?stability=true (three more films through the graph).
     try {
       const wanted = parseCrop(crop);
       await load();
-      return await run(await decode(file), wanted);
+      return await run(await decode(file), wanted, options);
     } catch (e) {
       if (e instanceof DeviceError || e instanceof cxrDicom.DicomError) {
         return { status: e.status || 400, body: { error: e.code || "unsupported_image", message: e.message, produced_by: "device" } };

@@ -6,7 +6,8 @@
 
 const CACHE = "cxr-offline-v1";
 const PAGE = ["/", "/manifest.webmanifest", "/static/app.css", "/static/app.js", "/static/capture.js",
-  "/static/imaging.js", "/static/finder.js", "/static/ondevice.js", "/static/dicom.js", "/static/favicon.svg",
+  "/static/imaging.js", "/static/finder.js", "/static/stability.js",
+  "/static/ondevice.js", "/static/dicom.js", "/static/favicon.svg",
   "/static/icon-192.png", "/static/icon-512.png", "/offline/model.json"];
 const HEAVY = ["/static/vendor/ort.wasm.min.js", "/static/vendor/ort-wasm-simd-threaded.mjs",
   "/static/vendor/ort-wasm-simd-threaded.wasm", "/static/vendor/dicomParser.min.js", "/offline/model.onnx"];
