@@ -1,9 +1,10 @@
 """Rebuild the bundled demonstration model, src/cxr/assets/cxr-demo.safetensors, and its model card.
 
 The exact, rerunnable recipe (its CPU time is estimated and printed at start):
-  1. `cxr train --cv 5` on the sample films (512 px and 64 px), with capture augmentations: five
-     patient-disjoint fold models; every film scored out of fold by the model that never saw its patient
-     (oof.csv, cv.json with per-fold and pooled macro AUC and 95% CIs);
+  1. `cxr train --cv K` (RECIPE's folds: 3) on the sample films (512 px and 64 px), with capture
+     augmentations: K patient-disjoint fold models; every film scored out of fold by the model that never
+     saw its patient (oof.csv, cv.json with per-fold, per-source, within-source and pooled macro AUC and
+     95% CIs);
   2. from those out-of-fold scores: Platt calibration per finding, thresholds by the stated policy
      (specificity 0.90), and the evidence behind "assessed" / "not assessed" (the AUC's 95% CI);
   3. the shipped model: the same recipe refit on every film, carrying 2. in its metadata;
