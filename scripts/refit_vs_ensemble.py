@@ -7,7 +7,8 @@ Both candidates then score the set-aside films: macro AUC (pooled, and within ea
 paired bootstrap 95% CI of the pooled difference, and films/s through the Predictor (the ensemble runs K networks per film).
 
 Run from the repository root:  .venv/bin/python scripts/refit_vs_ensemble.py [--folds 3] [--size 160] [--arch A]
-(default: the bundle recipe's; each recipe trains into its own runs/refit-vs-ensemble/cv-ARCH-SIZE).
+[--seed N] (default: the bundle recipe's; each recipe, and each other seed, trains into its own
+runs/refit-vs-ensemble/cv-ARCH-SIZE[-seedN]).
 A killed run continues where it stopped (rerun the same command).
 """
 
@@ -72,13 +73,15 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--size", type=int, default=B.RECIPE["size"])
     ap.add_argument("--arch", default=B.RECIPE["arch"])
+    ap.add_argument("--seed", type=int, default=0, help="another draw of the same recipe (folds and training)")
     args = ap.parse_args()
     parts = split_films()
     link(parts)
     recipe = dict(B.RECIPE, folds=args.folds, size=args.size, arch=args.arch)
-    cv = RUN / f"cv-{args.arch}-{args.size}"
+    cv = RUN / (f"cv-{args.arch}-{args.size}" + (f"-seed{args.seed}" if args.seed else ""))
     if not (cv / "cv.json").exists():
-        B.cxr(B.train_args(recipe, cv, sources=[str(RUN / "dev" / s) for s in B.SOURCES]))
+        command = B.train_args(recipe, cv, sources=[str(RUN / "dev" / s) for s in B.SOURCES])
+        B.cxr(command.replace("--seed 0 ", f"--seed {args.seed} "))
 
     from cxr.data.labels import labelled
 
