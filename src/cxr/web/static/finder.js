@@ -14,14 +14,7 @@ const cxrFinder = (() => {
   const ALONG = Array.from({ length: SAMPLES }, (_, i) => (i === SAMPLES - 1 ? 0.85 : i * ((0.85 - 0.15) / 23) + 0.15));
   const DIRS = Array.from({ length: 32 }, (_, k) => [Math.cos((k * Math.PI) / 16), Math.sin((k * Math.PI) / 16)]);
 
-  function quantiles(values, qs) {
-    // capture._quantiles: linear interpolation between order statistics, in float32 as numpy does it.
-    const s = Float32Array.from(values).sort(), last = s.length - 1;
-    return qs.map((q) => {
-      const i = Math.trunc(q * last), d = f32(s[Math.min(i + 1, last)] - s[i]);
-      return f32(s[i] + f32(f32(q * last - i) * d));
-    });
-  }
+  const quantiles = (values, qs) => cxrImaging.quantiles(values, qs);  // images.arrays.quantiles
 
   function label(mask, w, h, eight) {
     // scipy.ndimage.label by flood fill: connected components (8- or 4-neighbours), numbered in raster

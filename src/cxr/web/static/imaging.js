@@ -178,16 +178,18 @@ const cxrImaging = (() => {
     return { data: resize(im.data, im.w, im.h, ow, oh, "box"), w: ow, h: oh };
   }
 
-  function percentile(sorted, q) {
-    const pos = (q / 100) * (sorted.length - 1);
-    const lo = Math.floor(pos), hi = Math.min(sorted.length - 1, lo + 1);
-    return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
+  function quantiles(values, qs) {
+    // images.arrays.quantiles: linear interpolation between order statistics, in float32 as numpy does it.
+    const s = Float32Array.from(values).sort(), last = s.length - 1;
+    return qs.map((q) => {
+      const i = Math.trunc(q * last), d = f32(s[Math.min(i + 1, last)] - s[i]);
+      return f32(s[i] + f32(f32(q * last - i) * d));
+    });
   }
 
   function thumbnail(im, n) {
     const t = resize(im.data, im.w, im.h, n, n, "box");
-    const sorted = Float64Array.from(t).sort();
-    const lo = percentile(sorted, 1), hi = percentile(sorted, 99);
+    const [lo, hi] = quantiles(t, [0.01, 0.99]);
     const d = f32(Math.max(hi - lo, 1e-6));
     return t.map((v) => Math.min(1, Math.max(0, f32(f32(v - lo) / d))));
   }
@@ -254,5 +256,6 @@ const cxrImaging = (() => {
     return parts.length ? "this film " + parts.join(" and ") : "";
   }
 
-  return { resize, reduce, workingCopy, toGray, colourfulness, imageCheck, orientation, correct, describe, pyFixed };
+  return { resize, reduce, workingCopy, toGray, colourfulness, imageCheck, orientation, correct, describe, pyFixed,
+    quantiles };
 })();
