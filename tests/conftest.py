@@ -137,3 +137,34 @@ def dicom_dataset(pixels, photometric="MONOCHROME2", bits=8, **attrs):
     for key, value in attrs.items():
         setattr(ds, key, value)
     return ds
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (never `playwright install`), one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    from test_browser import ARGS, CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: scripts/setup.sh installs Debian's chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled model served, where its ONNX artefacts are fresh (the offline page runs them): a trained
+    model, whose answers differ from film to film (a random network's collapse to one answer would make
+    device-server parity prove nothing)."""
+    from cxr import settings
+    from cxr.inference import artefacts
+    from cxr.inference.predictor import Predictor
+    from cxr.web.app import create_app
+    from test_browser import _serve
+
+    if not artefacts.has_fresh_artefacts(settings.BUNDLED_MODEL):
+        pytest.skip(f"the bundled model has no fresh artefacts: {artefacts.stale_reason(settings.BUNDLED_MODEL)}")
+    yield from _serve(create_app(Predictor(None, threads=1)))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import assessed_everywhere, dicom_dataset, save_random_model
-from test_browser import ARGS, ARTIFACTS, CHROMIUM, PHONE, _serve
+from test_browser import ARTIFACTS, PHONE, _serve
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.browser]
 VENDOR = Path(__file__).resolve().parents[1] / "src" / "cxr" / "web" / "static" / "vendor"
@@ -41,30 +41,6 @@ def server(exported):
     from cxr.web.app import create_app
 
     yield from _serve(create_app(Predictor(exported, threads=1), model=exported))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def bundled():
-    """The bundled model, where its ONNX artefacts are fresh: a trained model, whose answers differ from
-    film to film (a random network's collapse to one answer would make parity prove nothing)."""
-    from cxr import settings
-    from cxr.inference import artefacts
-    from cxr.inference.predictor import Predictor
-    from cxr.web.app import create_app
-
-    if not artefacts.has_fresh_artefacts(settings.BUNDLED_MODEL):
-        pytest.skip(f"the bundled model has no fresh artefacts: {artefacts.stale_reason(settings.BUNDLED_MODEL)}")
-    yield from _serve(create_app(Predictor(None, threads=1)))
 
 
 def _installed(browser, url):

@@ -16,22 +16,12 @@ from cxr import images
 from cxr.data import capture as aug
 from cxr.images import capture
 from cxr.images.capture import Quad, quad_iou
-from test_browser import ARGS, ARTIFACTS, CHROMIUM, PHONE, _serve
-from test_offline import READY_MS, probs, server_read
+from test_browser import ARTIFACTS
+from test_offline import READY_MS, _installed, probs, server_read
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.browser]
 STATIC = Path(__file__).resolve().parents[1] / "src" / "cxr" / "web" / "static"
 MAX_DP = 0.03  # device vs server on one photo: the browser's JPEG decode differs from Pillow's by a level or so
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -107,25 +97,9 @@ def test_device_finder_passes_films_through(finder, images_512, images_1024):
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    """The bundled model, where its ONNX artefacts are fresh (test_offline.py's fixture)."""
-    from cxr import settings
-    from cxr.inference import artefacts
-    from cxr.inference.predictor import Predictor
-    from cxr.web.app import create_app
-
-    if not artefacts.has_fresh_artefacts(settings.BUNDLED_MODEL):
-        pytest.skip(f"the bundled model has no fresh artefacts: {artefacts.stale_reason(settings.BUNDLED_MODEL)}")
-    yield from _serve(create_app(Predictor(None, threads=1)))
-
-
-@pytest.fixture(scope="module")
 def installed_bundled(browser, bundled):
     """A phone-sized page that has visited once online, is ready offline and reads on the device."""
-    context = browser.new_context(viewport=PHONE, service_workers="allow")
-    page = context.new_page()
-    page.goto(bundled + "/")
-    page.wait_for_selector("#offline >> text=Ready offline", timeout=READY_MS)
+    context, page = _installed(browser, bundled)
     assert page.is_checked("#mode-device")
     yield page, bundled
     context.close()

@@ -14,8 +14,8 @@ import pytest
 
 from cxr import images
 from cxr.inference import stability
-from test_browser import ARGS, ARTIFACTS, CHROMIUM, PHONE, _serve
-from test_offline import READY_MS, films
+from test_browser import ARTIFACTS
+from test_offline import READY_MS, _installed, films
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.browser]
 # The first 6 shared films (all stable under the bundled model) and the two that were unstable by more than
@@ -40,32 +40,12 @@ def chosen(images_512) -> list:
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    """The bundled model, where its ONNX artefacts are fresh (test_offline.py's fixture)."""
-    from cxr import settings
-    from cxr.inference import artefacts
-    from cxr.inference.predictor import Predictor
-    from cxr.web.app import create_app
-
-    if not artefacts.has_fresh_artefacts(settings.BUNDLED_MODEL):
-        pytest.skip(f"the bundled model has no fresh artefacts: {artefacts.stale_reason(settings.BUNDLED_MODEL)}")
-    yield from _serve(create_app(Predictor(None, threads=1)))
-
-
-@pytest.fixture(scope="module")
-def page(bundled):
+def page(browser, bundled):
     """A phone-sized page that has visited once online, is ready offline and reads on the device."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(viewport=PHONE, service_workers="allow")
-        page = context.new_page()
-        page.goto(bundled + "/")
-        page.wait_for_selector("#offline >> text=Ready offline", timeout=READY_MS)
-        assert page.is_checked("#mode-device")
-        yield page
-        browser.close()
+    context, page = _installed(browser, bundled)
+    assert page.is_checked("#mode-device")
+    yield page
+    context.close()
 
 
 def device_read(page, data: bytes) -> dict:

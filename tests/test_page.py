@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_browser import ARGS, ARTIFACTS, CHROMIUM, PHONE, TIMEOUT_MS, _serve
+from test_browser import ARTIFACTS, PHONE, TIMEOUT_MS, _serve
 
 from conftest import save_random_model
 
@@ -64,17 +63,6 @@ def server(tmp_path_factory, images_64):
     # A limit no film meets: every film that passes the image checks is refused for its distance.
     nets.save(path, net, dataclasses.replace(meta, gate={**fitted, "threshold": 1e-9}), extra=tensors)
     yield from _serve(create_app(Predictor(path, threads=1), model=path))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} not found: scripts/setup.sh installs Debian's chromium"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
