@@ -386,20 +386,7 @@ const cxrFinder = (() => {
       const sorted = Float32Array.from(v).sort(), n = sorted.length;
       fill = n % 2 ? sorted[(n - 1) / 2] : f32(f32(sorted[n / 2 - 1] + sorted[n / 2]) / 2);
     }
-    const out = new Float32Array(wo * ho).fill(fill);
-    for (let y = 0; y < ho; y++) {
-      for (let x = 0; x < wo; x++) {
-        const u = x + 0.5, v = y + 0.5, den = m[6] * u + m[7] * v + 1;
-        let xi = (m[0] * u + m[1] * v + m[2]) / den, yi = (m[3] * u + m[4] * v + m[5]) / den;
-        if (xi < 0 || xi >= w || yi < 0 || yi >= h) continue;  // Geometry.c's bilinear_filter32F
-        xi -= 0.5; yi -= 0.5;
-        const x0 = Math.floor(xi), y0 = Math.floor(yi), dx = xi - x0, dy = yi - y0;
-        const xa = Math.min(Math.max(x0, 0), w - 1), xb = Math.min(Math.max(x0 + 1, 0), w - 1), r = Math.min(Math.max(y0, 0), h - 1) * w;
-        const v1 = gray[r + xa] + f32(gray[r + xb] - gray[r + xa]) * dx;
-        const v2 = y0 + 1 >= 0 && y0 + 1 < h ? gray[(y0 + 1) * w + xa] + f32(gray[(y0 + 1) * w + xb] - gray[(y0 + 1) * w + xa]) * dx : v1;
-        out[y * wo + x] = v1 + (v2 - v1) * dy;
-      }
-    }
+    const out = cxrImaging.warp(gray, w, h, m, wo, ho, fill);
     const every = [];
     for (let y = 0; y < ho; y += 3) for (let x = 0; x < wo; x += 3) every.push(out[y * wo + x]);
     const [lo, hi] = quantiles(every, [0.005, 0.995]), flo = f32(lo), d = f32(Math.max(hi - lo, 1e-6));

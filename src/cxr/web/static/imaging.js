@@ -187,6 +187,33 @@ const cxrImaging = (() => {
     });
   }
 
+  function warp(src, w, h, m, wo, ho, fill) {
+    // Pillow's Image.transform of an "F" image with BILINEAR (Geometry.c's generic transform): each output
+    // pixel's centre (x + 0.5, y + 0.5) mapped into the input by m (8 coefficients, perspective; an affine
+    // map has m[6] = m[7] = 0, and its division by 1 is exact), outside [0, w) x [0, h) the fill, else
+    // bilinear_filter32F: taps clipped to the edge, the difference of two taps in float32 (C's
+    // float - float), the rest in double, stored float32. capture.rectify and Image.rotate both run it.
+    const out = new Float32Array(wo * ho).fill(fill);
+    const clip = (v, n) => (v < 0 ? 0 : v < n ? v : n - 1);
+    for (let y = 0; y < ho; y++) {
+      const v = y + 0.5;
+      for (let x = 0; x < wo; x++) {
+        const u = x + 0.5, den = m[6] * u + m[7] * v + 1;
+        let xx = (m[0] * u + m[1] * v + m[2]) / den, yy = (m[3] * u + m[4] * v + m[5]) / den;
+        if (xx < 0.0 || xx >= w || yy < 0.0 || yy >= h) continue;
+        xx -= 0.5; yy -= 0.5;
+        const ix = Math.floor(xx), iy = Math.floor(yy), dx = xx - ix, dy = yy - iy;
+        const x0 = clip(ix, w), x1 = clip(ix + 1, w);
+        let row = clip(iy, h) * w;
+        const v1 = src[row + x0] + f32(src[row + x1] - src[row + x0]) * dx;
+        let v2 = v1;
+        if (iy + 1 >= 0 && iy + 1 < h) { row = (iy + 1) * w; v2 = src[row + x0] + f32(src[row + x1] - src[row + x0]) * dx; }
+        out[y * wo + x] = v1 + (v2 - v1) * dy;
+      }
+    }
+    return out;
+  }
+
   function thumbnail(im, n) {
     const t = resize(im.data, im.w, im.h, n, n, "box");
     const [lo, hi] = quantiles(t, [0.01, 0.99]);
@@ -257,5 +284,5 @@ const cxrImaging = (() => {
   }
 
   return { resize, reduce, workingCopy, toGray, colourfulness, imageCheck, orientation, correct, describe, pyFixed,
-    quantiles };
+    quantiles, warp };
 })();

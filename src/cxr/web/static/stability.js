@@ -42,33 +42,13 @@ const cxrStability = (() => {
   function rotate(src, w, h, deg, fill) {
     // Image.rotate(deg, BILINEAR, fillcolor=fill) of an "F" image, not expanded: Pillow's inverse affine
     // map about the centre (w / 2, h / 2), its coefficients rounded to 15 digits, then Geometry.c's
-    // generic transform: each output pixel's centre (x + 0.5, y + 0.5) mapped into the input, outside
-    // [0, w) x [0, h) the fill, else bilinear_filter32F: taps clipped to the edge, the difference of two
-    // taps in float32 (C's float - float), the rest in double, stored float32.
+    // generic transform (cxrImaging.warp).
     const angle = -(deg * (Math.PI / 180));  // math.radians: x * (pi / 180)
     const a = pyRound(Math.cos(angle), 15), b = pyRound(Math.sin(angle), 15);
     const d = pyRound(-Math.sin(angle), 15), e = pyRound(Math.cos(angle), 15);
     const cx = w / 2, cy = h / 2;
     const c = a * -cx + b * -cy + 0.0 + cx, f = d * -cx + e * -cy + 0.0 + cy;
-    const out = new Float32Array(w * h).fill(fill);
-    const clip = (v, n) => (v < 0 ? 0 : v < n ? v : n - 1);
-    for (let y = 0; y < h; y++) {
-      const yin = y + 0.5;
-      for (let x = 0; x < w; x++) {
-        const xin = x + 0.5;
-        let xx = a * xin + b * yin + c, yy = d * xin + e * yin + f;
-        if (xx < 0.0 || xx >= w || yy < 0.0 || yy >= h) continue;
-        xx -= 0.5; yy -= 0.5;
-        const ix = Math.floor(xx), iy = Math.floor(yy), dx = xx - ix, dy = yy - iy;
-        const x0 = clip(ix, w), x1 = clip(ix + 1, w);
-        let row = clip(iy, h) * w;
-        const v1 = src[row + x0] + f32(src[row + x1] - src[row + x0]) * dx;  // float - float is float in C
-        let v2 = v1;
-        if (iy + 1 >= 0 && iy + 1 < h) { row = (iy + 1) * w; v2 = src[row + x0] + f32(src[row + x1] - src[row + x0]) * dx; }
-        out[y * w + x] = v1 + (v2 - v1) * dy;
-      }
-    }
-    return out;
+    return cxrImaging.warp(src, w, h, [a, b, c, d, e, f, 0, 0], w, h, fill);
   }
 
   function exposure(base, gamma, lift) {
