@@ -80,7 +80,7 @@ def main() -> None:
     recipe = dict(B.RECIPE, folds=args.folds, size=args.size, arch=args.arch)
     cv = RUN / (f"cv-{args.arch}-{args.size}" + (f"-seed{args.seed}" if args.seed else ""))
     if not (cv / "cv.json").exists():
-        command = B.train_args(recipe, cv, sources=[str(RUN / "dev" / s) for s in B.SOURCES])
+        command = B.train_args(recipe, cv, ship="refit", sources=[str(RUN / "dev" / s) for s in B.SOURCES])
         B.cxr(command.replace("--seed 0 ", f"--seed {args.seed} "))
 
     from cxr.data.labels import labelled

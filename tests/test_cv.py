@@ -56,13 +56,17 @@ def test_capture_augmentation_is_seeded_by_the_torch_stream(first_film_512):
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory, images_64, metadata_csv) -> tuple[Path, dict]:
     from cxr.training.cv import cross_validate
-    from cxr.training.train import TrainConfig
 
     out = tmp_path_factory.mktemp("cv")
-    cfg = TrainConfig(data=[images_64], metadata=metadata_csv, out=out, arch="efficientnet_lite0", weights=None,
-                      size=64, batch_size=8, epochs=1, max_films=40, workers=0, progress=False, seed=5,
-                      precision="32-true", capture_aug=0.3)
-    return out, cross_validate(cfg, 2, policy="spec:0.80", n_boot=50)
+    return out, cross_validate(_config(out, images_64, metadata_csv), 2, policy="spec:0.80", ship="refit", n_boot=50)
+
+
+def _config(out: Path, images_64: Path, metadata_csv: Path, **kw):
+    from cxr.training.train import TrainConfig
+
+    return TrainConfig(data=[images_64], metadata=metadata_csv, out=out, arch="efficientnet_lite0", weights=None,
+                       size=64, batch_size=8, epochs=1, max_films=40, workers=0, progress=False, seed=5,
+                       precision="32-true", capture_aug=0.3, **kw)
 
 
 def test_every_film_is_scored_once_by_the_fold_that_never_saw_its_patient(cv_run):
@@ -121,9 +125,45 @@ def test_calibration_thresholds_and_evidence_land_in_the_shipped_model(cv_run):
     assert meta.metrics["subset"] == "out-of-fold"
     assert meta.metrics["macro_auc"] == report["pooled"]["macro_auc"]  # the card's figures are the OOF ones
     assert all(meta.metrics["per_finding"][f]["auc"] == e["auc"] for f, e in report["per_finding"].items())
-    assert meta.provenance["shipped"].startswith("refit")
+    assert meta.provenance["shipped"].startswith("a refit on all films")
     assert meta.provenance["config"]["parts"] == {"train": 40, "val": 0}
     assert meta.provenance["config"]["capture_aug"] == 0.3
+
+
+def test_the_fold_ensemble_ships_with_the_same_out_of_fold_fit_and_no_more_training(cv_run, tmp_path, images_64,
+                                                                                     metadata_csv):
+    import dataclasses
+    import shutil
+
+    from cxr.data.datasets import open_films
+    from cxr.inference.predictor import Predictor
+    from cxr.nets import load
+    from cxr.training.cv import cross_validate
+
+    out, _ = cv_run
+    again = tmp_path / "cv"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("refit"))
+    (again / "model.safetensors").unlink()  # the refit's
+    before = {f: (again / f"fold-{f}" / "model.safetensors").stat().st_mtime_ns for f in (1, 2)}
+    _, refit_meta = load(out / "model.safetensors")
+    report = cross_validate(_config(again, images_64, metadata_csv, resume=True), 2, policy="spec:0.80",
+                            ship="ensemble", n_boot=50)
+    assert before == {f: (again / f"fold-{f}" / "model.safetensors").stat().st_mtime_ns for f in (1, 2)}
+    assert not (again / "refit").exists() and report["shipped"] == "ensemble"
+    net, meta = load(again / "model.safetensors")
+    assert meta.members == 2 and meta.provenance["shipped"].startswith("the ensemble of the 2 fold models")
+    assert meta.provenance["n_train"] == 40 and meta.provenance["split"]["sizes"]["train"] == 40
+    assert [m["sizes"]["val"] for m in meta.provenance["split"]["members"]] == [
+        int((read_oof(again / "oof.csv")["fold"] == f).sum()) for f in range(2)]
+    # the same out-of-fold scores give the same calibration, thresholds and evidence as the refit carries
+    assert (meta.calibration, meta.thresholds, meta.assessment) == (
+        refit_meta.calibration, refit_meta.thresholds, refit_meta.assessment)
+    films = open_films(images_64)
+    grays = [films.read(n) for n in films.names[:4]]
+    folds = [Predictor.from_model(*load(again / f"fold-{f}" / "model.safetensors"), backend="torch").logits_of(grays)
+             for f in (1, 2)]
+    ours = Predictor.from_model(net, dataclasses.replace(meta, calibration={}), backend="torch").logits_of(grays)
+    np.testing.assert_allclose(ours, np.mean(folds, axis=0), atol=1e-5)
 
 
 def test_assessment_reads_within_source_evidence_when_sources_differ():

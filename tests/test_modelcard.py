@@ -45,3 +45,16 @@ def test_card_explains_films_outnumbering_the_split_names():
     assert "Training films: 1242 (3 image names found under two --data sources" in text
     same = {**meta.provenance, "split": dict(split, sizes={"train": 1242}), "n_train": 1242}
     assert "two --data sources" not in modelcard.render(dataclasses.replace(meta, provenance=same))
+
+
+def test_an_ensemble_card_says_how_many_networks_and_what_each_was_trained_on():
+    import dataclasses
+
+    meta = _meta()
+    assert "ensemble" not in modelcard.render(meta)
+    split = {"kind": "cv-ensemble", "seed": 0, "sizes": {"train": 1239, "val": 0, "test": 0},
+             "members": [{"n_train": 827}, {"n_train": 828}, {"n_train": 829}]}
+    text = modelcard.render(dataclasses.replace(meta, members=3, provenance={**meta.provenance, "split": split,
+                                                                            "n_train": 1242}))
+    assert "An ensemble of 3 such networks" in text and "mean of their logits" in text
+    assert "each trained on 827, 828, 829 films" in text and "Training films: 1242 (3 image names" in text

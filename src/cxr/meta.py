@@ -60,6 +60,9 @@ class ModelMeta:
     resize: int | None = None  # shorter side before cropping (None: input_size)
     tta: str = "none"
     head: str = "paper"  # "paper" (fastai's head) or "linear" (torchvision's classifier: average pool, Linear)
+    # Networks in the checkpoint: 1, or K of one architecture read as one (cxr.nets.ensemble: the mean of
+    # their logits; their feature maps side by side are the gate's features and Grad-CAM's target).
+    members: int = 1
 
     def __post_init__(self) -> None:
         if _arch_check is not None:
@@ -90,6 +93,8 @@ class ModelMeta:
         if self.convention not in CONVENTIONS or self.tta not in TTAS or self.head not in HEADS:
             raise ModelError(f"unknown input convention {self.convention!r} / tta {self.tta!r} / head {self.head!r}; "
                              f"known: {CONVENTIONS} / {TTAS} / {HEADS}")
+        if not isinstance(self.members, int) or self.members < 1:
+            raise ModelError(f"members must be a whole number >= 1 (networks in the checkpoint), got {self.members!r}")
         if self.resize is not None and (not isinstance(self.resize, int) or self.resize < self.input_size):
             raise ModelError(f"resize must be an integer >= input_size {self.input_size}, got {self.resize!r}")
         if self.tta != "none" and (self.convention != "torchvision" or task.softmax):

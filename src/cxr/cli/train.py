@@ -54,9 +54,11 @@ def train(
     progress: bool = opt.progress(),
     cv: int = typer.Option(0, "--cv", min=0, help="K-fold patient-grouped cross-validation over every film "
                            "(--split and the fractions are then unused): out-of-fold scores (oof.csv, cv.json), "
-                           "calibration and operating points fitted on them, then a refit on every film."),
+                           "calibration and operating points fitted on them, and the shipped model (--ship)."),
     operating_point: str = typer.Option("spec:0.90", help="With --cv: youden | spec:X | sens:X, per finding."),
-    refit: bool = typer.Option(True, "--refit/--no-refit", help="With --cv: train the shipped model on every film."),
+    ship: str = typer.Option("ensemble", "--ship", help="With --cv, the model written as model.safetensors: "
+                             "ensemble (the K fold models as one, the mean of their logits; no more training), "
+                             "refit (the recipe again on every film) or none."),
 ) -> None:
     """Train a model (the paper's recipe by default) and write a cxr checkpoint with its thresholds."""
     from cxr.training.train import TrainConfig, fit
@@ -73,12 +75,12 @@ def train(
     if cv:
         from cxr.training.cv import cross_validate
 
-        report = cross_validate(cfg, cv, policy=operating_point, refit=refit)
+        report = cross_validate(cfg, cv, policy=operating_point, ship=ship)
         pooled = report["pooled"]
         lo, hi = pooled["macro_auc_ci"] or (float("nan"), float("nan"))
         typer.echo(f"out-of-fold macro AUC {pooled['macro_auc']:.3f} (95% CI {lo:.3f}-{hi:.3f}) on "
                    f"{report['n_films']} films; wrote {out / 'cv.json'} and {out / 'oof.csv'}")
-        if refit:
+        if ship != "none":
             typer.echo(f"wrote {out / 'model.safetensors'}")
         return
     final = fit(cfg)

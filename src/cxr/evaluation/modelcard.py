@@ -56,6 +56,16 @@ def _twice(p: dict, split: dict) -> str:
             "resolutions: one name in the split, trained on at both)") if extra > 0 else ""
 
 
+def _members(meta: ModelMeta, split: dict) -> list[str]:
+    """An ensemble says so: how many networks, how they combine, what each was trained on."""
+    if meta.members <= 1:
+        return []
+    each = [m.get("n_train") for m in split.get("members", [])]
+    trained = f"; each trained on {', '.join(map(str, each))} films (the other folds)" if each else ""
+    return [f"- An ensemble of {meta.members} such networks (the cross-validation's fold models): the shown "
+            f"probabilities come from the mean of their logits{trained}. Grad-CAM maps are those of that mean."]
+
+
 def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None = None) -> str:
     m, p = meta.metrics or {}, meta.provenance or {}
     split = p.get("split", {})
@@ -69,6 +79,7 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
         f"BN–Dropout–Linear); {len(meta.outputs)} outputs, {meta.activation} "
         + ("(independent per-finding probabilities; they are not renormalised and do not sum to 1)."
            if meta.activation == "sigmoid" else "(2 classes)."),
+        *_members(meta, split),
         f"- Input: {meta.input_size}×{meta.input_size}, grayscale film repeated to 3 channels, normalised with "
         f"mean {list(meta.mean)} / std {list(meta.std)} (`{meta.normalisation}`).",
         f"- Not-a-chest-X-ray gate: {meta.gate.get('method', 'none')}"

@@ -61,20 +61,12 @@ def _head_layers(head: nn.Sequential) -> tuple[nn.Module, ...]:
                      f"{[g.__name__ for g in got]}")
 
 
-class CamGraph(nn.Module):
-    """image -> (logits, pooled features, raw Grad-CAM maps for every output[, calibrated probabilities]).
+class _HeadGradient(nn.Module):
+    """One head's constants for the closed form above, folded from the head as it is now (eval mode)."""
 
-    The head's constants are folded from the model as it is now (eval mode); the model is not changed.
-    platt: (slopes, intercepts) per output (ModelMeta.platt) to add the calibrated sigmoid probabilities as
-    an output for the page; None adds nothing (probabilities are then computed in numpy from the logits).
-    """
-
-    def __init__(self, model: nn.Module, *, softmax: bool, platt=None):
+    def __init__(self, head: nn.Sequential):
         super().__init__()
-        if model.training:
-            raise ModelError("the runtime graph is exported from a model in eval mode: call model.eval() first")
-        self.model, self.softmax = model, softmax
-        layers = _head_layers(model.head)
+        layers = _head_layers(head)
         self.paper = len(layers) == 4
         with torch.no_grad():
             if self.paper:
@@ -89,6 +81,36 @@ class CamGraph(nn.Module):
                 self._z1 = nn.Sequential(bn1, lin1)  # the same layers as the head's, for the ReLU's gate
             else:
                 self.register_buffer("w_out", layers[0].weight.detach().clone())  # outputs x C
+
+    def alpha(self, fmap: torch.Tensor, jac: torch.Tensor | None) -> torch.Tensor:
+        """(B|1) x O x C: the spatial mean of d score_o / d fmap, for the feature map this head reads."""
+        d_first = self.w_out.unsqueeze(0) if jac is None else torch.matmul(jac, self.w_out)  # (B|1) x O x ...
+        if self.paper:
+            pooled = torch.cat([torch.amax(fmap, dim=(2, 3)), torch.mean(fmap, dim=(2, 3))], dim=1)
+            d_z1 = d_first * (self._z1(pooled) > 0).to(fmap.dtype).unsqueeze(1)  # B x O x hidden
+            d_first = torch.matmul(d_z1, self.w_alpha)
+        return d_first / float(fmap.shape[2] * fmap.shape[3])
+
+
+class CamGraph(nn.Module):
+    """image -> (logits, pooled features, raw Grad-CAM maps for every output[, calibrated probabilities]).
+
+    The head's constants are folded from the model as it is now (eval mode); the model is not changed.
+    An ensemble (cxr.nets.ensemble) has one head per member, each reading its own channels of the stacked
+    feature map and weighing 1/K in the mean logit: its alphas are each member's, over K, side by side.
+    platt: (slopes, intercepts) per output (ModelMeta.platt) to add the calibrated sigmoid probabilities as
+    an output for the page; None adds nothing (probabilities are then computed in numpy from the logits).
+    """
+
+    def __init__(self, model: nn.Module, *, softmax: bool, platt=None):
+        super().__init__()
+        from cxr.nets.ensemble import AveragedHeads
+
+        if model.training:
+            raise ModelError("the runtime graph is exported from a model in eval mode: call model.eval() first")
+        self.model, self.softmax = model, softmax
+        heads = list(model.head.heads) if isinstance(model.head, AveragedHeads) else [model.head]
+        self.heads = nn.ModuleList(_HeadGradient(h) for h in heads)
         self.calibrated = platt is not None
         if self.calibrated:
             self.register_buffer("platt_a", torch.tensor(platt[0], dtype=torch.float32))
@@ -105,13 +127,11 @@ class CamGraph(nn.Module):
 
     def _alpha(self, fmap: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Grad-CAM's channel weights, (B|1) x O x C: the spatial mean of d score_o / d fmap."""
-        jac = self._jacobian(logits)
-        d_first = self.w_out.unsqueeze(0) if jac is None else torch.matmul(jac, self.w_out)  # (B|1) x O x ...
-        if self.paper:
-            pooled = torch.cat([torch.amax(fmap, dim=(2, 3)), torch.mean(fmap, dim=(2, 3))], dim=1)
-            d_z1 = d_first * (self._z1(pooled) > 0).to(fmap.dtype).unsqueeze(1)  # B x O x hidden
-            d_first = torch.matmul(d_z1, self.w_alpha)
-        return d_first / float(fmap.shape[2] * fmap.shape[3])
+        jac = self._jacobian(logits)  # of the (mean) logits: the score is a function of them
+        if len(self.heads) == 1:
+            return self.heads[0].alpha(fmap, jac)
+        parts = torch.split(fmap, fmap.shape[1] // len(self.heads), dim=1)
+        return torch.cat([h.alpha(part, jac) for h, part in zip(self.heads, parts)], dim=-1) / len(self.heads)
 
     def forward(self, x: torch.Tensor):
         fmap = self.model.features(x)

@@ -10,6 +10,7 @@ import torch
 from cxr.errors import ModelError
 from cxr.meta import ModelMeta
 from cxr.nets.checkpoint import load, load_extra, load_model, resolve_model, save
+from cxr.nets.ensemble import Ensemble, ensemble
 from cxr.nets.head import AdaptiveConcatPool2d, CxrNet, freeze_body
 from cxr.nets.registry import ARCHITECTURES, build, default_normalisation, get_architecture, register, unregister
 from cxr.tasks import Task, get_task
@@ -21,8 +22,8 @@ for _mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 TWO_CLASS_OUTPUTS = list(get_task("pneumothorax").outputs)  # older callers' name for the 2-class outputs
 
-__all__ = ["ARCHITECTURES", "activate", "AdaptiveConcatPool2d", "CxrNet", "ModelMeta", "TWO_CLASS_OUTPUTS", "build",
-           "default_normalisation", "freeze_body", "get_architecture", "load", "load_extra", "load_model",
+__all__ = ["ARCHITECTURES", "activate", "AdaptiveConcatPool2d", "CxrNet", "Ensemble", "ModelMeta", "TWO_CLASS_OUTPUTS", "build",
+           "default_normalisation", "ensemble", "freeze_body", "get_architecture", "load", "load_extra", "load_model",
            "resolve_model",
            "probabilities", "register", "save", "unregister"]
 

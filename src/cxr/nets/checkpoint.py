@@ -54,6 +54,9 @@ def save(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
     from safetensors.torch import save_file
 
     path = Path(path)
+    if getattr(model, "members", 1) != meta.members:  # else the file would load as another network
+        raise ModelError(f"the model holds {getattr(model, 'members', 1)} networks, its metadata says "
+                         f"members={meta.members}: set ModelMeta.members to match")
     # contiguous + clone: channels_last weights are strided and safetensors refuses tensors sharing storage.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tensors.update({EXTRA + k: torch.as_tensor(v).detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
@@ -114,6 +117,9 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
 def load_into(model: CxrNet, path: Path) -> None:
     """Initialise `model` from a checkpoint of the same arch; a different number of outputs keeps a fresh last layer."""
     tensors, meta = _read_checkpoint(path)
+    if meta.members > 1:
+        raise ModelError(f"{path} is an ensemble of {meta.members} networks; training starts from one network: "
+                         "use one of the fold models it was built from (fold-K/model.safetensors of its run)")
     if meta.arch != model.arch:
         raise ModelError(f"{path} holds a {meta.arch} model; cannot initialise a {model.arch} from it")
     if len(meta.outputs) != model.num_outputs:
@@ -142,7 +148,12 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
     """(model in eval mode, its metadata) from a cxr .safetensors checkpoint."""
     path = Path(path)
     tensors, meta = _read_checkpoint(path, map_location)
-    model = CxrNet(meta.arch, len(meta.outputs), head=meta.head).to(map_location)
+    if meta.members > 1:
+        from cxr.nets.ensemble import Ensemble
+
+        model = Ensemble(meta.arch, len(meta.outputs), meta.members, head=meta.head).to(map_location)
+    else:
+        model = CxrNet(meta.arch, len(meta.outputs), head=meta.head).to(map_location)
     load_strict(model, tensors, str(path))
     return model.eval(), meta
 

@@ -45,11 +45,13 @@ class CxrNet(nn.Module):
     """body -> feature map (the Grad-CAM target) -> head -> logits. The body comes from the registry.
     head: "paper" (make_head) or "linear" (linear_head), as ModelMeta.head records."""
 
+    members = 1  # networks inside (cxr.nets.ensemble.Ensemble holds several)
+
     def __init__(self, arch: str, num_outputs: int, dropout: tuple[float, float] = (0.25, 0.5),
                  head: str = "paper") -> None:
         super().__init__()
         spec = get_architecture(arch)
-        self.arch, self.num_outputs = arch, num_outputs
+        self.arch, self.num_outputs, self.head_kind = arch, num_outputs, head
         self.body = spec.body()
         self.head = (linear_head(self.body.num_features, num_outputs) if head == "linear"
                      else make_head(self.body.num_features, num_outputs, dropout))

@@ -3,10 +3,11 @@
 Each film is scored by the one fold model that never saw its patient, through the Predictor
 (`cxr.evaluation.evaluate.scores`, fp32), so out-of-fold numbers are the numbers users would get. From
 those scores `cxr.training.oof` fits the calibration, the operating points and the assessment evidence,
-and writes them into the model that ships: a refit on every film with the same recipe.
+and writes them into the model that ships.
 
 The run folder: folds.json (names per fold), fold-1 .. fold-K (ordinary training runs), oof.csv,
-cv.json, refit/ and model.safetensors (the refit, calibrated). A killed run continues with --resume:
+cv.json, and model.safetensors (calibrated): the fold models as one ensemble (the mean of their logits,
+`--ship ensemble`, the default) or a refit on every film (`--ship refit`, trained into refit/). A killed run continues with --resume:
 finished folds are kept, an interrupted one resumes from its last.ckpt.
 """
 
@@ -187,13 +188,19 @@ def read_oof(path: Path) -> dict:
             "p": frame[[f"p_{f}" for f in findings]].to_numpy(np.float32)}
 
 
-def cross_validate(cfg: TrainConfig, folds: int, *, policy: str | None = None, refit: bool = True,
+SHIPS = ("ensemble", "refit", "none")
+
+
+def cross_validate(cfg: TrainConfig, folds: int, *, policy: str | None = None, ship: str = "ensemble",
                    n_boot: int = 1000) -> dict:
     """Train K patient-disjoint fold models, score every film out of fold, fit calibration and operating
-    points on those scores, refit on every film, and write cv.json; returns cv.json's dict."""
+    points on those scores, write the shipped model (`ship`: the fold models as one ensemble, a refit on
+    every film, or none) carrying them, and write cv.json; returns cv.json's dict."""
     from cxr.evaluation.calibration import DEFAULT_POLICY
     from cxr.training import oof as O
 
+    if ship not in SHIPS:
+        raise CxrError(f"--ship {ship!r}: expected one of {', '.join(SHIPS)}")
     if str(cfg.devices) not in ("auto", "1") or cfg.num_nodes != 1:
         raise CxrError("cross-validation trains its folds one after another in one process; "
                        "drop --devices/--num-nodes (or train one fold at a time with `cxr train`)")
@@ -216,10 +223,13 @@ def cross_validate(cfg: TrainConfig, folds: int, *, policy: str | None = None, r
     report = O.cv_report(oof, films.findings, fitted, folds=folds, n_boot=n_boot)
     report.update(recipe=config_dict(cfg), seconds={"folds": [round(s, 1) for s in seconds]},
                   patients_in_two_folds=_patients_in_two_folds(oof))
-    if refit:
+    if ship == "refit":
         model, took = _train(cfg, cfg.out / "refit", {"train": list(names), "val": []})
         report["seconds"]["refit"] = round(took, 1)
-        O.ship(model, cfg.out / "model.safetensors", fitted, report, folds=folds)
+        O.ship([model], cfg.out / "model.safetensors", fitted, report, folds=folds)
+    elif ship == "ensemble":
+        O.ship(models, cfg.out / "model.safetensors", fitted, report, folds=folds, command=cfg.command)
+    report["shipped"] = ship
     (cfg.out / CV_FILE).write_text(json.dumps(report, indent=1))
     return report
 

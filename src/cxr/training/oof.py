@@ -185,11 +185,21 @@ def _rank_from_raw(summary: dict, raw: dict) -> None:
                         "thresholds: calibrated out-of-fold scores (calibration fitted on these films)"]
 
 
-def ship(refit: Path, out: Path, fitted: dict, report: dict, *, folds: int) -> Path:
-    """The refit model with the out-of-fold calibration, thresholds, assessment and metrics in its metadata."""
+def ship(models: Sequence[Path], out: Path, fitted: dict, report: dict, *, folds: int, command: str = "") -> Path:
+    """The shipped model with the out-of-fold calibration, thresholds, assessment and metrics in its metadata:
+    one model (the refit on every film), or the fold models as one ensemble (the mean of their logits)."""
     from cxr import nets as M
 
-    net, meta = M.load(refit)
+    if len(models) == 1:
+        net, meta = M.load(models[0])
+        extra, shipped = M.load_extra(models[0]), "a refit on all films with the same recipe"
+    else:
+        loaded = [M.load(m) for m in models]
+        net, meta = M.ensemble([n for n, _ in loaded]), _ensemble_meta([m for _, m in loaded], models, command)
+        extra = {}  # a fold model's gate (if any) read its own features, not the ensemble's
+        shipped = (f"the ensemble of the {len(models)} fold models (the mean of their logits; each was trained "
+                   f"on {len(models) - 1} of the {len(models)} folds, and these figures are each film's score by the "
+                   "fold model that never saw its patient)")
     findings = list(report["per_finding"])
     summary = metrics.summarize(fitted["y_all"], fitted["p_calibrated"], findings,
                                 [fitted["thresholds"][f] for f in findings],
@@ -198,7 +208,7 @@ def ship(refit: Path, out: Path, fitted: dict, report: dict, *, folds: int) -> P
     summary.update(subset="out-of-fold", calibration={k: report["calibration"]["cross_fitted"][k]
                                                        for k in ("brier", "brier_skill", "ece")},
                    flags_per_film=report["flags_per_film"])
-    provenance = dict(meta.provenance, shipped="refit on all films (the fold ensemble is not built)",
+    provenance = dict(meta.provenance, shipped=shipped,
                       cv={k: report.get(k) for k in ("folds", "n_films", "n_patients", "pooled", "by_source",
                                                      "within_source")}
                       | {"per_fold_macro_auc": [f["macro_auc"] for f in report["per_fold"]]})
@@ -207,4 +217,21 @@ def ship(refit: Path, out: Path, fitted: dict, report: dict, *, folds: int) -> P
         operating_point={"policy": fitted["policy"], "fitted_on": _source(folds, len(fitted["y_all"])),
                          "n_films": len(fitted["y_all"])},
         assessment=assessment(fitted, findings, fitted["y_all"], folds), metrics=summary, provenance=provenance)
-    return M.save(out, net, meta, extra=M.load_extra(refit))
+    return M.save(out, net, meta, extra=extra)
+
+
+def _ensemble_meta(metas: Sequence, paths: Sequence[Path], command: str):
+    """The fold models' metadata as one ensemble's: the members' splits and film counts kept, the command
+    the cross-validation's."""
+    first = metas[0]
+    splits = [m.provenance.get("split", {}) for m in metas]
+    names = sum((s.get("sizes") or {}).get("val", 0) for s in splits)  # each name validates one fold
+    films = sum(m.provenance.get("n_train", 0) for m in metas) // max(1, len(metas) - 1)
+    config = dict(first.provenance.get("config", {}), out=str(Path(paths[0]).parent.parent),
+                  parts={"train": names, "val": 0}, command=command or first.provenance.get("command", ""))
+    split = {"kind": "cv-ensemble", "seed": splits[0].get("seed"), "sizes": {"train": names, "val": 0, "test": 0},
+             "patient_overlap": {"train-val": 0, "train-test": 0, "val-test": 0},
+             "members": [dict(s, n_train=m.provenance.get("n_train")) for s, m in zip(splits, metas)]}
+    provenance = dict(first.provenance, command=config["command"], config=config, split=split, n_train=films)
+    provenance.pop("pos_weight_undone", None)  # each member's own
+    return dataclasses.replace(first, members=len(metas), provenance=provenance)

@@ -43,7 +43,8 @@ def model_name(meta: Any, model: str | Path | None) -> str:
 
 
 def summary(meta: Any, name: str) -> ModelSummary:
-    return ModelSummary(name=name, arch=meta.arch, task=meta.task, input_size=meta.input_size)
+    return ModelSummary(name=name, arch=meta.arch, task=meta.task, input_size=meta.input_size,
+                        members=int(getattr(meta, "members", 1)))
 
 
 def model_card(meta: Any, name: str, outputs: Sequence[str]) -> ModelCard:

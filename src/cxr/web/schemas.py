@@ -39,6 +39,8 @@ class ModelSummary(BaseModel):
     arch: str
     task: str
     input_size: int
+    members: int = Field(1, description="Networks of `arch` whose logits are averaged: more than 1 for an "
+                         "ensemble (the cross-validation's fold models).")
 
 
 class FindingCard(BaseModel):

@@ -216,7 +216,7 @@ async function loadModelCard() {
     return;
   }
   dl.replaceChildren();
-  cardRow(dl, "Model", `${card.name} (${card.arch}, ${card.input_size} px)`);
+  cardRow(dl, "Model", `${card.name} (${card.members > 1 ? `${card.members} × ` : ""}${card.arch}, ${card.input_size} px)`);
   cardRow(dl, "Data", card.data);
   const auc = card.macro_auc == null ? "not recorded" : `${card.macro_auc.toFixed(3)} mean AUC`;
   cardRow(dl, "Validation", card.validation ? `${auc} (${card.validation})` : auc);
