@@ -35,6 +35,41 @@ def test_quad_iou_is_exact_on_simple_shapes():
     assert Quad.from_array([(10, 10), (0, 0), (0, 10), (10, 0)]) == a
 
 
+def test_shrinking_only_the_films_box_changes_no_bit(images_512, monkeypatch):
+    """A big photo's film is rectified from a shrink of the quad's box alone (pipeline._rectified): that
+    part is the whole photo's shrink bit for bit (blocks aligned to the factor; partial blocks at the frame's
+    edge), and the film read is the same, for a quad inside the frame, one on its edge and one partly off
+    it (rectify then fills with the whole shrink's level, so the whole photo is shrunk)."""
+    from cxr.images import geometry
+    from cxr.inference import pipeline
+
+    gray = images.read_image(_films(images_512)[4])
+    photo, truth = aug.light_box_photo(gray, np.random.default_rng(21), size=(1201, 1603))  # blocks left over
+    seen = images.read_image(aug.photo_bytes(photo))
+    h, w = seen.shape
+    for f in (2, 3, 5):
+        whole = geometry.shrunk(seen, f)
+        sh, sw = whole.shape
+        for x0, y0, x1, y1 in [(0, 0, sw, sh), (7, 3, 50, 41), (sw - 9, sh - 4, sw, sh), (1, 1, sw - 1, sh - 1)]:
+            part = geometry.shrunk(seen, f, (x0, y0, x1, y1))
+            assert part.shape == whole.shape and np.array_equal(part[y0:y1, x0:x1], whole[y0:y1, x0:x1]), (f, x0, y0)
+
+    boxes = []
+    monkeypatch.setattr(capture, "shrunk", lambda g, f, box=None: boxes.append(box) or geometry.shrunk(g, f, box))
+    t = truth.array()
+    quads = {"inside": truth, "on the edge": Quad.from_array([(0, 0), (w, 0), t[2], t[3]]),
+             "partly off": Quad.from_array(t - [0.3 * w, 0])}
+    for name, quad in quads.items():
+        for side in (64, 160):
+            boxes.clear()
+            got = pipeline._rectified(seen, quad, side)
+            size = pipeline._read_size(quad, side)
+            f = int(max(pipeline._sides(quad)) / (2 * max(size)))
+            assert f >= 2 and (boxes[0] is None) == (name == "partly off"), (name, side, boxes)
+            want = capture.rectify(geometry.shrunk(seen, f), quad.scaled(1 / f, 1 / f), size=size)
+            assert np.array_equal(got, want), (name, side)
+
+
 def test_rectify_of_the_full_frame_is_the_film(images_512):
     gray = images.read_image(_films(images_512)[0])
     h, w = gray.shape

@@ -16,14 +16,17 @@ numpy, scipy and Pillow only: cxr.images never imports torch.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 
 import numpy as np
 from PIL import Image
 
-from cxr.images.arrays import quantiles, to_gray, to_pil  # noqa: F401 (to_gray is re-exported)
-from cxr.images.geometry import Quad, homography, mapped, quad_iou, shrunk, signed_area, warp  # noqa: F401 (re-exported)
+from cxr.images.arrays import pixels, quantiles, to_gray, to_pil  # noqa: F401 (to_gray is re-exported)
+from cxr.images.geometry import (  # noqa: F401 (re-exported)
+    Quad, homography, leaves, mapped, quad_iou, shrunk, signed_area, warp,
+)
 
 
 class _OnFirstUse:
@@ -38,7 +41,9 @@ class _OnFirstUse:
     def __getattr__(self, attr: str):
         with self._lock:
             module = importlib.import_module(self._name)
-        return getattr(module, attr)
+        value = getattr(module, attr)
+        setattr(self, attr, value)  # found here from now on (three labellings a photo)
+        return value
 
 
 ndimage = _OnFirstUse("scipy.ndimage")
@@ -61,18 +66,31 @@ _ENOUGH = 6  # a side with fewer steps found along it is no film's edge
 _ACROSS = np.arange(-_REACH, _REACH + _STEP / 2, _STEP)
 _ALONG = np.linspace(0.15, 0.85, _SAMPLES)[None, :, None]  # the corners' regions left out
 _DIRECTIONS = np.stack([np.cos(np.arange(32) * np.pi / 16), np.sin(np.arange(32) * np.pi / 16)])
+_RIDGE = 1e-9 * np.eye(6)  # the box level's least squares, kept solvable
 _EIGHT, _FOUR = np.ones((3, 3), dtype=bool), np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
 
 def _flat(s: np.ndarray, limit: float) -> np.ndarray:
     """Pixels in some 2 x 2 block whose standard deviation is under `limit`: a border 2 px wide on the copy
-    stays a closed ring (a 3 x 3 window needs 3). Slices, not scipy filters: a fifth of the time."""
-    a, b, c, d = s[:-1, :-1], s[:-1, 1:], s[1:, :-1], s[1:, 1:]
-    total = a + b + c + d
-    flat = 4 * (a * a + b * b + c * c + d * d) - total * total < 16 * limit * limit  # 16 x the variance
+    stays a closed ring (a 3 x 3 window needs 3). Slices, not scipy filters: a fifth of the time. float32,
+    summed in finder.js's order (any other rounds differently), in place: allocations cost as much."""
+    sq = s * s  # each pixel's square once, not once per block holding it
+    q = sq[:-1, :-1] + sq[:-1, 1:]
+    q += sq[1:, :-1]
+    q += sq[1:, 1:]
+    q *= 4
+    total = s[:-1, :-1] + s[:-1, 1:]
+    total += s[1:, :-1]
+    total += s[1:, 1:]
+    total *= total
+    q -= total
+    flat = q < 16 * limit * limit  # 16 x the variance
+    wide = np.zeros((flat.shape[0], s.shape[1]), dtype=bool)  # each of the 4 blocks holding a pixel: 2 x 2 wide
+    wide[:, :-1] = flat
+    wide[:, 1:] |= flat
     out = np.zeros(s.shape, dtype=bool)
-    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):  # each of the 4 blocks holding a pixel
-        out[dy:dy + flat.shape[0], dx:dx + flat.shape[1]] |= flat
+    out[:-1] = wide
+    out[1:] |= wide
     return out
 
 
@@ -107,19 +125,20 @@ def _light_box(s: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     sizes[0] = 0
     # hysteresis: a glare can set `top`, and a box dims towards its corners, so dim parts join bright ones;
-    # a dim region without a bright pixel is no box (what binary_propagation would keep)
-    seeded = np.bincount(lab[sub > 0.7 * top], minlength=n + 1) > 0
-    boxes = ndimage.find_objects(lab)  # every region's bounding box in one pass, not a mask each
+    # a dim region without a bright pixel is no box (what binary_propagation would keep). Seeds and boxes
+    # only of the few regions tried: find_objects and a bincount over all (a film has hundreds) cost more.
+    seed = sub > 0.7 * top
     best, enclosed, tried = None, _MIN_ENCLOSED * s.size, 0
     for i in np.argsort(sizes)[::-1]:  # the border is among the largest; a bright lung is not a ring
         if sizes[i] < 0.02 * s.size or tried == 5:
             break
-        if not seeded[i]:
+        mask = lab == i
+        if not (mask & seed).any():
             continue
         tried += 1
-        box = boxes[i - 1]
+        _, _, box = _extent(mask)
         if (box[0].stop - box[0].start) * (box[1].stop - box[1].start) - sizes[i] >= enclosed:
-            comp = lab[box] == i  # else its bounding box has no room for more
+            comp = mask[box]  # else its bounding box has no room for more
             hole = int(_holes(comp, (slice(None), slice(None)))[1].sum())
             if hole >= enclosed:
                 at = (slice(box[0].start + r.start, box[0].stop + r.start),
@@ -130,8 +149,11 @@ def _light_box(s: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
     # a bright, smooth part of the film that touched the border lies below the box's level: peeled off in
     # one step. Bits left inside the film (a glare) only make holes in its region, which its outline fills.
     comp, box = best
+    level = _box_level(s, comp, box)
+    level *= _BOX_SHARE
     ring = np.zeros(s.shape, dtype=bool)
-    ring[box] = comp & (s[box] > _BOX_SHARE * _box_level(s, comp, box))
+    np.greater(s[box], level, out=ring[box])
+    ring[box] &= comp
     return (ring, box) if ring.any() else None
 
 
@@ -145,38 +167,60 @@ def _box_level(s: np.ndarray, comp: np.ndarray, box: tuple[slice, slice]) -> np.
     xs = np.concatenate([comp.argmax(axis=1), bw - 1 - comp[:, ::-1].argmax(axis=1), cols, cols]) + box[1].start
     v, y, x = s[ys, xs].astype(np.float64), ys / h - 0.5, xs / w - 0.5
     a = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
-    fit = a @ np.linalg.solve(a.T @ a + 1e-9 * np.eye(6), a.T @ v)
+    fit = a @ np.linalg.solve(a.T @ a + _RIDGE, a.T @ v)
     keep = np.abs(v - fit) < 0.1 * fit  # not a glare on the rim, nor the room seen through a gap
-    c0, cx, cy, cxx, cxy, cyy = np.linalg.solve(a[keep].T @ a[keep] + 1e-9 * np.eye(6),
-                                                a[keep].T @ v[keep]).astype(np.float32)
+    a, v = a[keep], v[keep]
+    c0, cx, cy, cxx, cxy, cyy = np.linalg.solve(a.T @ a + _RIDGE, a.T @ v).astype(np.float32)
     gy = np.arange(box[0].start, box[0].stop, dtype=np.float32)[:, None] / h - 0.5  # separably, on the box
     gx = np.arange(box[1].start, box[1].stop, dtype=np.float32)[None, :] / w - 0.5
-    return (c0 + cy * gy + cyy * gy * gy) + (cx + cxx * gx + cxy * gy) * gx
+    # (c0 + cy gy + cyy gy gy) + (cx + cxx gx + cxy gy) gx, float32 as finder.js has it; in place (a sum's
+    # terms swap exactly)
+    level = (cx + cxx * gx) + cxy * gy
+    level *= gx
+    level += c0 + cy * gy + cyy * gy * gy
+    return level
 
 
-def _outline(region: np.ndarray) -> tuple[np.ndarray, float]:
+def _outline(region: np.ndarray, box: tuple[slice, slice]) -> tuple[np.ndarray, float]:
     """(points (x, y) on the region's outline, its area with any holes filled): each row's and column's
-    first and last pixel, at the pixel's outer edge. Their hull is the region's hull."""
-    h, w = region.shape
-    rows, cols, _ = _extent(region)
-    r, c = region[rows], region[:, cols]
-    left, right, yr, xc = r.argmax(axis=1), w - r[:, ::-1].argmax(axis=1), rows + 0.5, cols + 0.5
-    return np.concatenate([
-        np.stack([left, yr], axis=1), np.stack([right, yr], axis=1),
-        np.stack([xc, c.argmax(axis=0)], axis=1), np.stack([xc, h - c[::-1].argmax(axis=0)], axis=1),
-    ]).astype(np.float64), float((right - left).sum())
+    first and last pixel, at the pixel's outer edge. Their hull is the region's hull. Read in `box` (which
+    holds the region), not the whole copy."""
+    sub, r0, c0 = region[box], box[0].start, box[1].start
+    (bh, bw), (rows, cols, _) = sub.shape, _extent(sub)
+    r, c = sub[rows], sub[:, cols]
+    left, right = r.argmax(axis=1) + c0, (c0 + bw) - r[:, ::-1].argmax(axis=1)
+    nr, nc = len(rows), len(cols)
+    out = np.empty((2 * (nr + nc), 2))  # [left, right] x rows, then columns x [top, bottom]
+    out[:nr, 0], out[nr:2 * nr, 0] = left, right
+    out[:nr, 1] = out[nr:2 * nr, 1] = rows + (r0 + 0.5)
+    out[2 * nr:2 * nr + nc, 0] = out[2 * nr + nc:, 0] = cols + (c0 + 0.5)
+    out[2 * nr:2 * nr + nc, 1], out[2 * nr + nc:, 1] = c.argmax(axis=0) + r0, (r0 + bh) - c[::-1].argmax(axis=0)
+    return out, float((right - left).sum())
+
+
+@functools.cache
+def _unordered(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where (i, j, k) is not i < j < k, and where (i, k) is not i < k: the same for every hull of n points."""
+    idx = np.arange(n)
+    return (~((idx[:, None, None] < idx[None, :, None]) & (idx[None, :, None] < idx[None, None, :])),
+            ~(idx[:, None] < idx[None, :]))
 
 
 def _four_corners(hull: np.ndarray) -> np.ndarray:
     """The largest quadrilateral on the hull's vertices (in order around it): the film's corners (dropping
     the vertex losing least area, four times over, can drop a corner that its neighbours crowd)."""
-    idx, c = np.arange(len(hull)), np.outer(hull[:, 0], hull[:, 1])
+    c = np.outer(hull[:, 0], hull[:, 1])
     c = c - c.T  # x_i y_j - y_i x_j: twice triangle (i, j, k)'s signed area is c_ij + c_jk + c_ki
-    tri = (c[:, :, None] + c[None, :, :] + c.T[:, None, :]) * np.sign(signed_area(hull))
-    inner = np.where((idx[:, None, None] < idx[None, :, None]) & (idx[None, :, None] < idx[None, None, :]),
-                     tri, -np.inf)  # (i, j, k) with i < j < k
+    inner = c[:, :, None] + c[None, :, :]
+    inner += c.T[:, None, :]
+    sign = np.sign(signed_area(hull))
+    if sign != 1.0:  # times 1 changes no bit
+        inner *= sign
+    not3, not2 = _unordered(len(hull))
+    np.copyto(inner, -np.inf, where=not3)  # only (i, j, k) with i < j < k
     # quad i < j < k < l is triangles (i, j, k) + (i, k, l): for each diagonal (i, k), the best j and l
-    total = np.where(idx[:, None] < idx[None, :], inner.max(axis=1) + inner.max(axis=2), -np.inf)
+    total = inner.max(axis=1) + inner.max(axis=2)
+    np.copyto(total, -np.inf, where=not2)
     i, k = np.unravel_index(np.argmax(total), total.shape)
     return hull[[i, np.argmax(inner[i, :, k]), k, np.argmax(inner[i, k, :])]]
 
@@ -238,13 +282,14 @@ def _refine(corners: np.ndarray, s: np.ndarray) -> np.ndarray | None:
     return out if np.abs(out - corners).max() <= 2 * _REACH else None
 
 
-def _quad_of(region: np.ndarray, s: np.ndarray) -> Quad | None:
-    """The quadrilateral a region fills, or None when the region is not one (not convex, not 4-sided)."""
-    outline, area = _outline(region)
+def _quad_of(region: np.ndarray, s: np.ndarray, box: tuple[slice, slice], count: int) -> Quad | None:
+    """The quadrilateral a region (`count` pixels, within `box`) fills, or None when the region is not one
+    (not convex, not 4-sided)."""
+    outline, area = _outline(region, box)
     # the hull, near enough: the outline's extreme points in 32 directions, in order around it (scipy's
     # ConvexHull cost a tenth of the whole search; a film's corner is extreme over a quarter turn)
     extreme = np.argmax(outline @ _DIRECTIONS, axis=0)
-    hull = outline[extreme[np.sort(np.unique(extreme, return_index=True)[1])]]
+    hull = outline[list(dict.fromkeys(extreme.tolist()))]  # each once, in order of first appearance
     if len(hull) < 4 or area < 0.9 * abs(signed_area(hull)):
         return None
     corners = _refine(_four_corners(hull), s)
@@ -253,13 +298,18 @@ def _quad_of(region: np.ndarray, s: np.ndarray) -> Quad | None:
     quad = Quad.from_array(corners)
     # the region and the quad agree pixel by pixel: on light-box photos their IoU was 0.95 or more, on the
     # bright-ringed lungs of films that got this far 0.89 or less
-    inside = _inside(quad, s.shape)
-    return quad if (inside & region).sum() >= _MIN_IOU * (inside | region).sum() else None
+    lo, hi = _spans(quad, s.shape)
+    x = np.arange(box[1].start, box[1].stop) + 0.5  # the quad's pixels in the region's box
+    both = np.count_nonzero((x >= lo[box[0], None]) & (x <= hi[box[0], None]) & region[box])
+    # and all of them, row by row: the centres j + 0.5 from the first >= lo to the last <= hi
+    x = np.arange(s.shape[1]) + 0.5
+    inside = np.maximum(np.searchsorted(x, hi, side="right") - np.searchsorted(x, lo, side="left"), 0).sum()
+    return quad if both >= _MIN_IOU * (int(inside) + count - both) else None
 
 
-def _inside(quad: Quad, shape: tuple[int, int]) -> np.ndarray:
-    """The pixels whose centres lie inside a convex, clockwise quad: per row, the span between the sides'
-    crossings (two comparisons a pixel, not four half-planes)."""
+def _spans(quad: Quad, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the span [lo, hi] between a convex, clockwise quad's sides where they cross the row's centre
+    line: pixel centres x with lo <= x <= hi lie inside it (two comparisons a pixel, not four half-planes)."""
     y = np.arange(shape[0]) + 0.5
     lo, hi = np.full(shape[0], -np.inf), np.full(shape[0], np.inf)
     for (ax, ay), (bx, by) in zip(quad.points, quad.points[1:] + quad.points[:1]):
@@ -269,8 +319,7 @@ def _inside(quad: Quad, shape: tuple[int, int]) -> np.ndarray:
             hi = np.minimum(hi, ax + (bx - ax) * (y - ay) / (by - ay))
         else:
             lo = np.maximum(lo, ax + (bx - ax) * (y - ay) / (by - ay))
-    x = np.arange(shape[1]) + 0.5
-    return (x >= lo[:, None]) & (x <= hi[:, None])
+    return lo, hi
 
 
 def working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
@@ -286,7 +335,9 @@ def working_copy(gray: np.ndarray) -> tuple[np.ndarray, float]:
     if int(1 / s) >= 2:
         im = im.reduce(int(1 / s))  # integer box shrink first: several times faster than resize alone
     size = (max(1, round(w * s)), max(1, round(h * s)))
-    return np.asarray(im.resize(size, Image.Resampling.BOX), dtype=np.float32), w / size[0]
+    if im.size != size:  # a resize to its own size is a copy (a photo 6 x 160 px a side)
+        im = im.resize(size, Image.Resampling.BOX)
+    return pixels(im), w / size[0]
 
 
 def find_film(gray: np.ndarray, *, work: tuple[np.ndarray, float] | None = None) -> Quad | None:
@@ -307,12 +358,12 @@ def find_film(gray: np.ndarray, *, work: tuple[np.ndarray, float] | None = None)
     lab, sizes = _holes(ring, box)  # the largest region the box encloses: what it lights from behind
     if not _MIN_FILM * s.size <= sizes.max() <= 0.95 * s.size:
         return None
-    region = np.zeros(s.shape, dtype=bool)
-    region[box] = lab == np.argmax(sizes)
+    region, inner = np.zeros(s.shape, dtype=bool), lab == np.argmax(sizes)
+    region[box] = inner
     # a light box outshines what it lights: the film's bright tenth stays below the border's typical level
-    if quantiles(s[region], 0.9)[0] >= 0.95 * quantiles(s[ring], 0.5)[0]:
+    if quantiles(s[box][inner], 0.9)[0] >= 0.95 * quantiles(s[box][ring[box]], 0.5)[0]:
         return None
-    quad = _quad_of(region, s)
+    quad = _quad_of(region, s, box, int(sizes.max()))
     quad = None if quad is None else quad.scaled(scale, scale)
     return None if quad is None or quad.is_frame(w, h) else quad
 
@@ -336,14 +387,15 @@ def rectify(gray: np.ndarray, quad: Quad, *, inset: float = 0.01, size: tuple[in
     ex, ey = wo * inset / (1 - 2 * inset), ho * inset / (1 - 2 * inset)
     rect = [(-ex, -ey), (wo + ex, -ey), (wo + ex, ho + ey), (-ex, ho + ey)]
     fill = 0.0  # the fill shows only where the quad leaves the image: then a typical level (strided sample)
-    if (p < 0).any() or (p > [g.shape[1], g.shape[0]]).any():
+    if leaves(quad, g.shape[1], g.shape[0]):
         step = max(1, max(g.shape) // 128)
         fill = float(np.median(g[::step, ::step]))
     out = warp(g, homography(rect, p), (wo, ho), fill=fill)
-    if stretch:
+    if stretch:  # in place: the same float32 steps as (out - lo) / (hi - lo)
         lo, hi = quantiles(out[::3, ::3], 0.005, 0.995)  # a ninth of the pixels give the same levels
-        out = (out - lo) / max(hi - lo, 1e-6)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+        out -= lo
+        out /= max(hi - lo, 1e-6)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 # Orientation and polarity live in cxr.images.orientation; callers that read a photo use both, from here.

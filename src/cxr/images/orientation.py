@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from cxr.images.arrays import quantiles, to_gray, to_pil
+from cxr.images.arrays import pixels, quantiles, to_gray
+from cxr.images.geometry import mapped
 
 
 THUMB = 32  # orientation features are read from a THUMB x THUMB thumbnail
@@ -29,7 +30,7 @@ class Orientation(NamedTuple):
 
 def thumbnail(gray: np.ndarray) -> np.ndarray:
     """THUMB x THUMB, squashed, robustly stretched so exposure and a photo's fog do not matter."""
-    t = np.asarray(to_pil(to_gray(gray)).resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float32)
+    t = pixels(mapped(to_gray(gray)).resize((THUMB, THUMB), Image.Resampling.BOX))
     lo, hi = quantiles(t, 0.01, 0.99)  # np.percentile's, without its overhead
     return np.clip((t - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
@@ -63,7 +64,7 @@ def _features_of_all(thumb: np.ndarray) -> np.ndarray:
     """8 x features: `features` of each of `candidates(thumb)`, in that order and to the bit, at once (eight
     calls' numpy overheads cost more than the arithmetic). A turn moves pixels but keeps the histogram."""
     ups = np.stack([np.rot90(thumb, -k) for k in range(4)])
-    ups = np.concatenate([ups, 1.0 - ups]).astype(np.float32)  # inverted before the cast, as `correct` does
+    ups = np.concatenate([ups, 1.0 - ups]).astype(np.float32, copy=False)  # inverted before any cast, as `correct`
     # 2 x 2 means summed in the order numpy's mean over (1, 3) of one 16 x 2 x 16 x 2 view sums them
     t = ((ups[:, 0::2, 0::2] + ups[:, 0::2, 1::2]) + (ups[:, 1::2, 0::2] + ups[:, 1::2, 1::2])) / np.float32(4)
     t = t.reshape(8, -1)

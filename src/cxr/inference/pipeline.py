@@ -178,24 +178,33 @@ def capture(gray: np.ndarray, *, crop: camera.Quad | str | None = None, find: bo
 
 
 def _rectified(gray: np.ndarray, quad: camera.Quad, side: int) -> np.ndarray:
-    size = _read_size(quad, side)
-    shrink = int(max(_sides(quad)) / (2 * max(size)))  # whole factor: PIL's reduce is a cheap box filter
+    sides = _sides(quad)
+    size = _read_size(quad, side, sides)
+    shrink = int(max(sides) / (2 * max(size)))  # whole factor: PIL's reduce is a cheap box filter
     if shrink >= 2:
-        gray = camera.shrunk(gray, shrink)
-        quad = quad.scaled(1 / shrink, 1 / shrink)
+        quad, box = quad.scaled(1 / shrink, 1 / shrink), None
+        h, w = -(-gray.shape[0] // shrink), -(-gray.shape[1] // shrink)  # the shrunk copy's
+        if not camera.leaves(quad, w, h):  # else rectify fills with the whole copy's level: all of it is needed
+            # the warp's bilinear taps lie in the quad's bounding box, a pixel beyond at most: 2 for rounding
+            xs, ys = [x for x, _ in quad.points], [y for _, y in quad.points]
+            box = (max(int(min(xs)) - 2, 0), max(int(min(ys)) - 2, 0),
+                   min(int(max(xs)) + 3, w), min(int(max(ys)) + 3, h))
+        gray = camera.shrunk(gray, shrink, box)
     return camera.rectify(gray, quad, size=size)
 
 
 def _sides(quad: camera.Quad) -> tuple[float, float]:
+    """The quad's mean width and height (4 sides in one call: numpy's hypot, element by element)."""
     p = quad.array()
-    return (0.5 * (np.hypot(*(p[1] - p[0])) + np.hypot(*(p[2] - p[3]))),
-            0.5 * (np.hypot(*(p[3] - p[0])) + np.hypot(*(p[2] - p[1]))))
+    d = p[[1, 2, 3, 2]] - p[[0, 3, 0, 1]]
+    side = np.hypot(d[:, 0], d[:, 1])
+    return 0.5 * (side[0] + side[1]), 0.5 * (side[2] + side[3])
 
 
-def _read_size(quad: camera.Quad, side: int) -> tuple[int, int]:
+def _read_size(quad: camera.Quad, side: int, sides: tuple[float, float] | None = None) -> tuple[int, int]:
     """(width, height) to rectify to: the film's own aspect, its long side READ_SCALE x the input side
-    (never more than the photo has)."""
-    w, h = _sides(quad)
+    (never more than the photo has). `sides`: `_sides(quad)`, when the caller has it."""
+    w, h = sides or _sides(quad)
     scale = min(1.0, READ_SCALE * side / max(w, h))
     return max(8, round(w * scale)), max(8, round(h * scale))
 

@@ -303,7 +303,7 @@ const cxrFinder = (() => {
     const q = ordered(corners);
     let inter = 0, union = 0;
     for (let y = 0; y < h; y++) {
-      // capture._inside: per row, the span between the sides' crossings
+      // capture._spans: per row, the span between the sides' crossings
       let lo = -Infinity, hi = Infinity;
       const yc = y + 0.5;
       for (let i = 0; i < 4; i++) {
