@@ -116,7 +116,7 @@ def test_predict_matches_the_predictor(client, predictor, film):
     assert thresholds["Effusion"] == pytest.approx(0.3) and thresholds["Hernia"] == pytest.approx(0.05)
     assert body["image"] == {"width": 512, "height": 512}
     assert body["model"] == {"name": "tiny-lite0", "arch": "efficientnet_lite0", "task": "multilabel",
-                             "input_size": 128}
+                             "input_size": 128, "members": 1}
     assert "heatmaps" not in body
 
 
