@@ -148,8 +148,11 @@ def test_refusal_card_draws_its_icon_without_fonts(page, first_film_512):
     # Every character the card shows is one any phone font has: Latin text and common punctuation.
     odd = [c for c in page.inner_text("#refusal") if ord(c) > 0x24F and not 0x2010 <= ord(c) <= 0x2026]
     assert odd == []
-    # The sign is drawn: its amber fill is on screen, not an empty box.
-    pixels = np.asarray(Image.open(io.BytesIO(icon.screenshot())).convert("RGB")).reshape(-1, 3).astype(int)
+    # The sign is drawn: its amber fill is on screen, not an empty box. Two animation frames first: under
+    # load (2 cores, the suite's other worker busy) one screenshot caught the card before it was painted.
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    shot = icon.screenshot(animations="disabled")
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).reshape(-1, 3).astype(int)
     amber = (pixels[:, 0] > 150) & (pixels[:, 1] > 90) & (pixels[:, 1] < 150) & (pixels[:, 2] < 80)
     assert amber.mean() > 0.2, amber.mean()
     page.locator("#refusal").scroll_into_view_if_needed()
