@@ -196,7 +196,7 @@ def ship(models: Sequence[Path], out: Path, fitted: dict, report: dict, *, folds
     else:
         loaded = [M.load(m) for m in models]
         net, meta = M.ensemble([n for n, _ in loaded]), _ensemble_meta([m for _, m in loaded], models, command)
-        extra = {}  # a fold model's gate (if any) read its own features, not the ensemble's
+        extra = {}  # nor its gate's statistics (see _ensemble_meta)
         shipped = (f"the ensemble of the {len(models)} fold models (the mean of their logits; each was trained "
                    f"on {len(models) - 1} of the {len(models)} folds, and these figures are each film's score by the "
                    "fold model that never saw its patient)")
@@ -234,4 +234,5 @@ def _ensemble_meta(metas: Sequence, paths: Sequence[Path], command: str):
              "members": [dict(s, n_train=m.provenance.get("n_train")) for s, m in zip(splits, metas)]}
     provenance = dict(first.provenance, command=config["command"], config=config, split=split, n_train=films)
     provenance.pop("pos_weight_undone", None)  # each member's own
-    return dataclasses.replace(first, members=len(metas), provenance=provenance)
+    # no gate: a member's (if any) was fitted on its own features, not on the ensemble's side by side
+    return dataclasses.replace(first, members=len(metas), provenance=provenance, gate={})
