@@ -51,6 +51,7 @@ TRIALS = {
     "lite0-160-e3": dict(RECIPE, folds=3, size=160, epochs=3, arch="efficientnet_lite0"),
     "lite0-224-e3": dict(RECIPE, folds=3, size=224, epochs=3, arch="efficientnet_lite0"),
     "lite1-160-e3": dict(RECIPE, folds=3, size=160, epochs=3, arch="efficientnet_lite1"),
+    "lite1-160-e5": dict(RECIPE, folds=3, size=160, epochs=5, arch="efficientnet_lite1"),
 }
 LITE0_FILMS_PER_S_224 = 7.5  # training, measured on this 2-core machine when not shared
 # training cost per film against Lite0's at the same size: the trials' CPU minutes at 160 px (33 vs 17)
