@@ -58,3 +58,4 @@ def test_an_ensemble_card_says_how_many_networks_and_what_each_was_trained_on():
                                                                             "n_train": 1242}))
     assert "An ensemble of 3 such networks" in text and "mean of their logits" in text
     assert "each trained on 827, 828, 829 films" in text and "Training films: 1242 (3 image names" in text
+    assert "flags fewer findings per film than those figures show" in text

@@ -63,7 +63,11 @@ def _members(meta: ModelMeta, split: dict) -> list[str]:
     each = [m.get("n_train") for m in split.get("members", [])]
     trained = f"; each trained on {', '.join(map(str, each))} films (the other folds)" if each else ""
     return [f"- An ensemble of {meta.members} such networks (the cross-validation's fold models): the shown "
-            f"probabilities come from the mean of their logits{trained}. Grad-CAM maps are those of that mean."]
+            f"probabilities come from the mean of their logits{trained}. Grad-CAM maps are those of that mean.",
+            "- Its calibration and thresholds were fitted on single fold models' out-of-fold scores (the figures "
+            "below). The mean of several networks' logits is less spread than one network's, so the ensemble "
+            "flags fewer findings per film than those figures show: it errs towards missing a finding, not "
+            "towards crying wolf (docs/BENCHMARKS.md measures it on set-aside films)."]
 
 
 def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None = None) -> str:
