@@ -7,8 +7,8 @@ and writes them into the model that ships.
 
 The run folder: folds.json (names per fold), fold-1 .. fold-K (ordinary training runs), oof.csv,
 cv.json, and model.safetensors (calibrated): the fold models as one ensemble (the mean of their logits,
-`--ship ensemble`, the default) or a refit on every film (`--ship refit`, trained into refit/). A killed run continues with --resume:
-finished folds are kept, an interrupted one resumes from its last.ckpt.
+`--ship ensemble`, the default) or a refit on every film (`--ship refit`, trained into refit/).
+A killed run continues with --resume: finished folds are kept, an interrupted one resumes from its last.ckpt.
 """
 
 from __future__ import annotations
