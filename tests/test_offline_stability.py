@@ -103,7 +103,7 @@ def test_device_variants_are_pythons_pixels(page, images_512):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "offline-stability-pixels.json").write_text(json.dumps(seen))
     assert seen["tilt_differ"] == 0, seen
-    assert seen["exposure_differ"] <= 1e-3 * seen["pixels"] and seen["exposure_max"] <= 1.2e-7, seen
+    assert seen["exposure_differ"] <= 1e-5 * seen["pixels"] and seen["exposure_max"] <= 1.2e-7, seen
     assert seen["jpeg_levels_differ"] == 0, seen
 
 

@@ -8,9 +8,9 @@
 //   base      images.resize through cxrImaging.resize: bit for bit.
 //   tilt      Image.rotate(TILT_DEG, BILINEAR, fillcolor=edge) on the "F" image: bit for bit (Pillow's
 //             matrix, rounded to 15 digits as Pillow rounds it; Geometry.c's arithmetic per pixel).
-//   exposure  bit for bit but where numpy's float32 power (glibc's powf) is not correctly rounded: ~0.05%
-//             of the pixels, by one float32 ulp (6e-8); Math.pow in double, rounded once, is. (Which
-//             pixels depends on the server's CPU too: glibc's FMA variant, numpy's AVX-512 loops.)
+//   exposure  bit for bit: the power in double, rounded once to float32 (Math.pow, Math.fround), as
+//             Python takes it (float64, then float32: numpy's float32 power is not correctly rounded, and
+//             where it errs depends on the server's CPU: glibc's FMA variant, numpy's AVX-512 loops).
 //   jpeg      the same 8-bit levels as Pillow's grayscale JPEG (0 of 307,200 pixels differ): the browser's
 //             encoder is libjpeg-turbo as Pillow's is, at the same quality and the same (ISLOW) DCT; the
 //             gray goes in as R = G = B, whose luma is the levels themselves and whose chroma is flat, and
@@ -52,7 +52,7 @@ const cxrStability = (() => {
   }
 
   function exposure(base, gamma, lift) {
-    // LIFT + (1 - LIFT) * np.power(np.clip(base, 0, 1), GAMMA), every step in float32 as numpy does it.
+    // LIFT + (1 - LIFT) * power(clip(base, 0, 1), GAMMA): the power in double, then every step in float32.
     const l = f32(lift), m = f32(1 - lift);
     return base.map((v) => f32(l + f32(m * f32(Math.pow(Math.min(1, Math.max(0, v)), gamma)))));
   }
