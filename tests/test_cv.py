@@ -64,8 +64,9 @@ def cv_run(tmp_path_factory, images_64, metadata_csv) -> tuple[Path, dict]:
 def _config(out: Path, images_64: Path, metadata_csv: Path, **kw):
     from cxr.training.train import TrainConfig
 
+    kw = {"epochs": 1, **kw}
     return TrainConfig(data=[images_64], metadata=metadata_csv, out=out, arch="efficientnet_lite0", weights=None,
-                       size=64, batch_size=8, epochs=1, max_films=40, workers=0, progress=False, seed=5,
+                       size=64, batch_size=8, max_films=40, workers=0, progress=False, seed=5,
                        precision="32-true", capture_aug=0.3, **kw)
 
 
@@ -164,6 +165,33 @@ def test_the_fold_ensemble_ships_with_the_same_out_of_fold_fit_and_no_more_train
              for f in (1, 2)]
     ours = Predictor.from_model(net, dataclasses.replace(meta, calibration={}), backend="torch").logits_of(grays)
     np.testing.assert_allclose(ours, np.mean(folds, axis=0), atol=1e-5)
+
+
+def test_fold_models_trained_with_the_body_frozen_ship_as_one_shared_body(tmp_path, images_64, metadata_csv):
+    """epochs 0: only the heads train (the paper's phase 2), so every fold keeps the same body; the ensemble
+    stores it once and its logits are still the fold models' mean."""
+    from safetensors import safe_open
+
+    from cxr.data.datasets import open_films
+    from cxr.inference.predictor import Predictor
+    from cxr.nets import load
+    from cxr.training.cv import cross_validate
+
+    cross_validate(_config(tmp_path, images_64, metadata_csv, epochs=0, head_epochs=1), 2, policy="spec:0.80",
+                   ship="ensemble", n_boot=20)
+    net, meta = load(tmp_path / "model.safetensors")
+    assert meta.members == 2 and meta.shared_body and net.shared_body
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    with safe_open(str(tmp_path / "fold-1" / "model.safetensors"), framework="pt") as f:
+        fold_keys = list(f.keys())
+    assert sum(k.startswith("body.") for k in keys) == sum(k.startswith("body.") for k in fold_keys)
+    films = open_films(images_64)
+    grays = [films.read(n) for n in films.names[:4]]
+    folds = [Predictor.from_model(*load(tmp_path / f"fold-{f}" / "model.safetensors"), backend="torch").logits_of(grays)
+             for f in (1, 2)]
+    np.testing.assert_allclose(Predictor.from_model(net, meta, backend="torch").logits_of(grays),
+                               np.mean(folds, axis=0), atol=1e-5)
 
 
 def test_assessment_reads_within_source_evidence_when_sources_differ():

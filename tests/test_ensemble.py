@@ -130,3 +130,56 @@ def test_metadata_must_count_the_networks_and_an_ensemble_never_seeds_training(m
         nets.ensemble([members[0], nets.build("efficientnet_lite1", 14)])
     _, meta = nets.load(saved)
     assert dataclasses.replace(meta, members=1).members == 1
+
+
+@pytest.fixture(scope="module")
+def same_body(members):
+    """K members with one body (as when the body stays frozen at its pretrained weights) and their own heads."""
+    from cxr import nets
+
+    out = []
+    for m in members:
+        net = nets.build(TINY_ARCH, 14)
+        net.body.load_state_dict(members[0].body.state_dict())
+        net.head.load_state_dict(m.head.state_dict())
+        out.append(net.eval())
+    return out
+
+
+def test_members_with_one_body_share_it_stored_and_run_once_with_the_same_logits_and_maps(same_body, saved,
+                                                                                          tmp_path):
+    from cxr import nets
+    from cxr.explain import gradcam
+    from cxr.inference import artefacts, export
+
+    ens = nets.ensemble(same_body)
+    assert ens.shared_body and ens.members == K
+    meta = make_meta(TINY_ARCH, size=SIZE, members=K, shared_body=True)
+    path = nets.save(tmp_path / "shared.safetensors", ens, meta)
+    assert path.stat().st_size < 0.6 * saved.stat().st_size  # one body instead of K
+    net, meta = nets.load(path)
+    x = _films()
+    width = same_body[0].body.num_features
+    with torch.no_grad():
+        assert torch.allclose(net(x), torch.stack([m(x) for m in same_body]).mean(dim=0), atol=1e-6)
+        assert net.features(x).shape[1] == width  # the gate's features: the one body's
+    want = gradcam.normalise(torch.relu(torch.stack([_member_raw_cams(m, x) for m in same_body]).mean(dim=0)))
+    _, torch_maps = gradcam.gradcam(net, x, list(range(14)), meta=meta)
+    np.testing.assert_allclose(torch_maps.numpy(), want.numpy(), atol=2e-5)
+    export.export_artefacts(path)  # raises when the graph's maps or features differ from torch's
+    logits, feats, maps = artefacts.Runtime(path).classify_with_cams(x.numpy(), list(range(14)))
+    assert feats.shape[1] == width
+    np.testing.assert_allclose(maps, want.numpy(), atol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, net(x).numpy(), atol=1e-5)
+
+
+def test_a_shared_body_must_be_said_in_the_metadata_and_only_of_an_ensemble(members, same_body, tmp_path):
+    from cxr import nets
+    from cxr.errors import ModelError
+
+    assert not nets.ensemble(members).shared_body  # bodies that differ by a bit stay K bodies
+    with pytest.raises(ModelError, match="shared body: the model's True, the metadata's False"):
+        nets.save(tmp_path / "x.safetensors", nets.ensemble(same_body), make_meta(TINY_ARCH, size=SIZE, members=K))
+    with pytest.raises(ModelError, match="shared_body must be true or false, and true only for an ensemble"):
+        make_meta(TINY_ARCH, shared_body=True)

@@ -63,6 +63,9 @@ class ModelMeta:
     # Networks in the checkpoint: 1, or K of one architecture read as one (cxr.nets.ensemble: the mean of
     # their logits; their feature maps side by side are the gate's features and Grad-CAM's target).
     members: int = 1
+    # An ensemble whose members' bodies are one and the same (frozen at pretrained weights): stored and run
+    # once, every head reading its whole feature map.
+    shared_body: bool = False
 
     def __post_init__(self) -> None:
         if _arch_check is not None:
@@ -95,6 +98,9 @@ class ModelMeta:
                              f"known: {CONVENTIONS} / {TTAS} / {HEADS}")
         if not isinstance(self.members, int) or self.members < 1:
             raise ModelError(f"members must be a whole number >= 1 (networks in the checkpoint), got {self.members!r}")
+        if not isinstance(self.shared_body, bool) or (self.shared_body and self.members < 2):
+            raise ModelError(f"shared_body must be true or false, and true only for an ensemble (members >= 2); "
+                             f"got {self.shared_body!r} with members={self.members}")
         if self.resize is not None and (not isinstance(self.resize, int) or self.resize < self.input_size):
             raise ModelError(f"resize must be an integer >= input_size {self.input_size}, got {self.resize!r}")
         if self.tta != "none" and (self.convention != "torchvision" or task.softmax):

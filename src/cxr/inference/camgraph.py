@@ -97,7 +97,8 @@ class CamGraph(nn.Module):
 
     The head's constants are folded from the model as it is now (eval mode); the model is not changed.
     An ensemble (cxr.nets.ensemble) has one head per member, each reading its own channels of the stacked
-    feature map and weighing 1/K in the mean logit: its alphas are each member's, over K, side by side.
+    feature map and weighing 1/K in the mean logit: its alphas are each member's, over K, side by side (or,
+    over one shared body's map, their sum over K).
     platt: (slopes, intercepts) per output (ModelMeta.platt) to add the calibrated sigmoid probabilities as
     an output for the page; None adds nothing (probabilities are then computed in numpy from the logits).
     """
@@ -130,8 +131,10 @@ class CamGraph(nn.Module):
         jac = self._jacobian(logits)  # of the (mean) logits: the score is a function of them
         if len(self.heads) == 1:
             return self.heads[0].alpha(fmap, jac)
-        parts = torch.split(fmap, fmap.shape[1] // len(self.heads), dim=1)
-        return torch.cat([h.alpha(part, jac) for h, part in zip(self.heads, parts)], dim=-1) / len(self.heads)
+        alphas = [h.alpha(part, jac) for h, part in zip(self.heads, self.model.head.parts(fmap), strict=True)]
+        # a shared body's channels are every head's: their weights add; stacked bodies' sit side by side
+        joined = torch.stack(alphas).sum(dim=0) if self.model.head.shared else torch.cat(alphas, dim=-1)
+        return joined / len(self.heads)
 
     def forward(self, x: torch.Tensor):
         fmap = self.model.features(x)

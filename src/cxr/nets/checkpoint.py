@@ -54,9 +54,11 @@ def save(path: str | os.PathLike, model: nn.Module, meta: ModelMeta,
     from safetensors.torch import save_file
 
     path = Path(path)
-    if getattr(model, "members", 1) != meta.members:  # else the file would load as another network
-        raise ModelError(f"the model holds {getattr(model, 'members', 1)} networks, its metadata says "
-                         f"members={meta.members}: set ModelMeta.members to match")
+    held = (getattr(model, "members", 1), getattr(model, "shared_body", False))
+    if held != (meta.members, meta.shared_body):  # else the file would load as another network
+        raise ModelError(f"the model holds {held[0]} networks, its metadata says members={meta.members} (shared "
+                         f"body: the model's {held[1]}, the metadata's {meta.shared_body}): set ModelMeta.members "
+                         "and shared_body to match")
     # contiguous + clone: channels_last weights are strided and safetensors refuses tensors sharing storage.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tensors.update({EXTRA + k: torch.as_tensor(v).detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
@@ -151,7 +153,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> t
     if meta.members > 1:
         from cxr.nets.ensemble import Ensemble
 
-        model = Ensemble(meta.arch, len(meta.outputs), meta.members, head=meta.head).to(map_location)
+        model = Ensemble(meta.arch, len(meta.outputs), meta.members, head=meta.head,
+                         shared_body=meta.shared_body).to(map_location)
     else:
         model = CxrNet(meta.arch, len(meta.outputs), head=meta.head).to(map_location)
     load_strict(model, tensors, str(path))

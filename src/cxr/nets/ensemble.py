@@ -11,6 +11,10 @@ The ensemble keeps CxrNet's contract, `features` then `classify`, so every consu
 Grad-CAM of the mean logit over that concatenated map is relu(mean_k of member k's pre-ReLU map): the
 gradient reaching member k's channels is 1/K of its own. Autograd (cxr.explain) and the closed form of
 the runtime graph (cxr.inference.camgraph) both follow from that, with no special case.
+
+Members whose bodies are identical (a body kept frozen at its pretrained weights, only the heads trained)
+share one body (ModelMeta.shared_body): stored once, run once. features(x) is then that body's map, every
+head reads all of it, and Grad-CAM of the mean logit is relu(mean_k of head k's pre-ReLU map) as before.
 """
 
 from __future__ import annotations
@@ -38,33 +42,49 @@ class StackedBodies(nn.Module):
 
 
 class AveragedHeads(nn.Module):
-    """The members' heads, head k on channels [k*C, (k+1)*C) of the stacked map; the mean of their logits."""
+    """The members' heads, head k on channels [k*C, (k+1)*C) of the stacked map (or all of a shared body's
+    map); the mean of their logits."""
 
-    def __init__(self, heads: Sequence[nn.Module], width: int) -> None:
+    def __init__(self, heads: Sequence[nn.Module], width: int, shared: bool = False) -> None:
         super().__init__()
-        self.heads, self.width = nn.ModuleList(heads), int(width)
+        self.heads, self.width, self.shared = nn.ModuleList(heads), int(width), bool(shared)
+
+    def parts(self, fmap: torch.Tensor) -> Sequence[torch.Tensor]:
+        """The part of the feature map each head reads, in member order."""
+        return [fmap] * len(self.heads) if self.shared else torch.split(fmap, self.width, dim=1)
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(fmap, self.width, dim=1)
+        parts = self.parts(fmap)
         return torch.stack([head(part) for head, part in zip(self.heads, parts, strict=True)]).mean(dim=0)
 
 
 class Ensemble(CxrNet):
-    """K CxrNets of one architecture as one CxrNet: body = StackedBodies, head = AveragedHeads."""
+    """K CxrNets of one architecture as one CxrNet: body = StackedBodies (or one shared body), head =
+    AveragedHeads."""
 
-    def __init__(self, arch: str, num_outputs: int, members: int, head: str = "paper") -> None:
+    def __init__(self, arch: str, num_outputs: int, members: int, head: str = "paper",
+                 shared_body: bool = False) -> None:
         nn.Module.__init__(self)  # not CxrNet's: it would build one more body
         if members < 2:
             raise ModelError(f"an ensemble needs at least 2 members, got {members}")
         nets = [CxrNet(arch, num_outputs, head=head) for _ in range(members)]
         self.arch, self.num_outputs, self.head_kind, self.members = arch, num_outputs, head, members
-        self.body = StackedBodies([n.body for n in nets])
-        self.head = AveragedHeads([n.head for n in nets], self.body.width)
+        self.shared_body = bool(shared_body)
+        self.body = nets[0].body if shared_body else StackedBodies([n.body for n in nets])
+        width = self.body.num_features if shared_body else self.body.width
+        self.head = AveragedHeads([n.head for n in nets], width, shared=shared_body)
         self.body_frozen = False
 
 
+def _same_weights(modules: Sequence[nn.Module]) -> bool:
+    first = modules[0].state_dict()
+    return all(m.state_dict().keys() == first.keys() and all(torch.equal(v, first[k]) for k, v in
+                                                             m.state_dict().items()) for m in modules[1:])
+
+
 def ensemble(models: Sequence[CxrNet]) -> Ensemble:
-    """One Ensemble from trained CxrNets of one architecture, head and output count (their weights copied)."""
+    """One Ensemble from trained CxrNets of one architecture, head and output count (their weights copied).
+    Bodies equal to the bit (trained with the body frozen) become one shared body."""
     if len(models) < 2:
         raise ModelError(f"an ensemble needs at least 2 models, got {len(models)}")
     first = models[0]
@@ -72,8 +92,9 @@ def ensemble(models: Sequence[CxrNet]) -> Ensemble:
     if len(kinds) != 1 or any(isinstance(m, Ensemble) for m in models):
         raise ModelError(f"ensemble members must be single networks of one architecture, head and output count; "
                          f"got {sorted(kinds)}")
-    out = Ensemble(first.arch, first.num_outputs, len(models), head=first.head_kind)
+    shared = _same_weights([m.body for m in models])
+    out = Ensemble(first.arch, first.num_outputs, len(models), head=first.head_kind, shared_body=shared)
     for k, m in enumerate(models):
-        out.body.bodies[k].load_state_dict(m.body.state_dict())
+        (out.body if shared else out.body.bodies[k]).load_state_dict(m.body.state_dict())
         out.head.heads[k].load_state_dict(m.head.state_dict())
     return out.eval()

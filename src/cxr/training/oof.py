@@ -195,7 +195,8 @@ def ship(models: Sequence[Path], out: Path, fitted: dict, report: dict, *, folds
         extra, shipped = M.load_extra(models[0]), "a refit on all films with the same recipe"
     else:
         loaded = [M.load(m) for m in models]
-        net, meta = M.ensemble([n for n, _ in loaded]), _ensemble_meta([m for _, m in loaded], models, command)
+        net = M.ensemble([n for n, _ in loaded])
+        meta = dataclasses.replace(_ensemble_meta([m for _, m in loaded], models, command), shared_body=net.shared_body)
         extra = {}  # nor its gate's statistics (see _ensemble_meta)
         shipped = (f"the ensemble of the {len(models)} fold models (the mean of their logits; each was trained "
                    f"on {len(models) - 1} of the {len(models)} folds, and these figures are each film's score by the "
