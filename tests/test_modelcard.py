@@ -59,3 +59,19 @@ def test_an_ensemble_card_says_how_many_networks_and_what_each_was_trained_on():
     assert "An ensemble of 3 such networks" in text and "mean of their logits" in text
     assert "each trained on 827, 828, 829 films" in text and "Training films: 1242 (3 image names" in text
     assert "flags fewer findings per film than those figures show" in text
+
+
+def test_a_frozen_body_and_a_shared_body_are_said_on_the_card():
+    import dataclasses
+
+    meta = _meta()
+    config = {"weights": "imagenet", "epochs": 0, "head_epochs": 16}
+    frozen = dataclasses.replace(meta, provenance={**meta.provenance, "config": config})
+    assert "Body: its imagenet weights, frozen (BatchNorm statistics included); only the head was trained " \
+           "(16 epochs)." in modelcard.render(frozen)
+    tuned = dataclasses.replace(meta, provenance={**meta.provenance, "config": dict(config, epochs=3)})
+    assert "frozen" not in modelcard.render(tuned)
+    split = {"kind": "cv-ensemble", "seed": 0, "members": [{"n_train": 827}, {"n_train": 828}]}
+    shared = dataclasses.replace(frozen, members=2, shared_body=True,
+                                 provenance={**frozen.provenance, "split": split})
+    assert "An ensemble of 2 such networks sharing one body (frozen, stored and run once" in modelcard.render(shared)

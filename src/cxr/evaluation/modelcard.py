@@ -62,12 +62,21 @@ def _members(meta: ModelMeta, split: dict) -> list[str]:
         return []
     each = [m.get("n_train") for m in split.get("members", [])]
     trained = f"; each trained on {', '.join(map(str, each))} films (the other folds)" if each else ""
-    return [f"- An ensemble of {meta.members} such networks (the cross-validation's fold models): the shown "
+    shared = " sharing one body (frozen, stored and run once; each has its own head)" if meta.shared_body else ""
+    return [f"- An ensemble of {meta.members} such networks{shared} (the cross-validation's fold models): the shown "
             f"probabilities come from the mean of their logits{trained}. Grad-CAM maps are those of that mean.",
             "- Its calibration and thresholds were fitted on single fold models' out-of-fold scores (the figures "
             "below). The mean of several networks' logits is less spread than one network's, so the ensemble "
             "flags fewer findings per film than those figures show: it errs towards missing a finding, not "
             "towards crying wolf (docs/BENCHMARKS.md measures it on set-aside films)."]
+
+
+def _body(config: dict) -> list[str]:
+    """How much of the network was trained: a body kept at its pretrained weights is worth saying."""
+    if config.get("epochs") != 0 or not config.get("head_epochs") or config.get("weights") in (None, "none"):
+        return []
+    return [f"- Body: its {config['weights']} weights, frozen (BatchNorm statistics included); only the head was "
+            f"trained ({config['head_epochs']} epochs)."]
 
 
 def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None = None) -> str:
@@ -98,6 +107,7 @@ def render(meta: ModelMeta, *, title: str | None = None, notes: list[str] | None
         "(noisy; Wang et al. 2017).",
         "",
         "## Training",
+        *_body(p.get("config", {})),
         f"- Command: `{p.get('command', '?')}`",
         f"- Versions: {p.get('versions', {})}",
         "",
