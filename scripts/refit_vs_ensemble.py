@@ -6,9 +6,9 @@ recipe's). On the rest, `cxr train --cv K` with the bundle recipe trains K fold 
 Both candidates then score the set-aside films: macro AUC (pooled, and within each source) with a
 paired bootstrap 95% CI of the pooled difference, and films/s through the Predictor (the ensemble runs K networks per film).
 
-Run from the repository root:  .venv/bin/python scripts/refit_vs_ensemble.py [--folds 3] [--size 160] [--arch A]
-[--seed N] (default: the bundle recipe's; each recipe, and each other seed, trains into its own
-runs/refit-vs-ensemble/cv-ARCH-SIZE[-seedN]).
+Run from the repository root:  .venv/bin/python scripts/refit_vs_ensemble.py [--trial NAME] [--folds 3]
+[--size 160] [--arch A] [--seed N] (default: the bundle recipe; --trial: one of bundle_model.py's TRIALS;
+each recipe, and each other seed, trains into its own runs/refit-vs-ensemble/cv-NAME[-seedN]).
 A killed run continues where it stopped (rerun the same command).
 """
 
@@ -74,11 +74,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=B.RECIPE["size"])
     ap.add_argument("--arch", default=B.RECIPE["arch"])
     ap.add_argument("--seed", type=int, default=0, help="another draw of the same recipe (folds and training)")
+    ap.add_argument("--trial", choices=sorted(B.TRIALS), help="a trial's recipe instead of the bundle's")
     args = ap.parse_args()
     parts = split_films()
     link(parts)
-    recipe = dict(B.RECIPE, folds=args.folds, size=args.size, arch=args.arch)
-    cv = RUN / (f"cv-{args.arch}-{args.size}" + (f"-seed{args.seed}" if args.seed else ""))
+    base = B.TRIALS[args.trial] if args.trial else B.RECIPE
+    recipe = dict(base, folds=args.folds, size=args.size if args.size != B.RECIPE["size"] else base["size"],
+                  arch=args.arch if args.arch != B.RECIPE["arch"] else base["arch"])
+    name = args.trial or f"{recipe['arch']}-{recipe['size']}-e{recipe['epochs']}-h{recipe['head_epochs']}"
+    cv = RUN / (f"cv-{name}" + (f"-seed{args.seed}" if args.seed else ""))
     if not (cv / "cv.json").exists():
         command = B.train_args(recipe, cv, ship="refit", sources=[str(RUN / "dev" / s) for s in B.SOURCES])
         B.cxr(command.replace("--seed 0 ", f"--seed {args.seed} "))
