@@ -74,4 +74,4 @@ def test_a_frozen_body_and_a_shared_body_are_said_on_the_card():
     split = {"kind": "cv-ensemble", "seed": 0, "members": [{"n_train": 827}, {"n_train": 828}]}
     shared = dataclasses.replace(frozen, members=2, shared_body=True,
                                  provenance={**frozen.provenance, "split": split})
-    assert "An ensemble of 2 such networks sharing one body (frozen, stored and run once" in modelcard.render(shared)
+    assert "fold models), sharing one frozen body (stored and run once; each has its own head)" in modelcard.render(shared)

@@ -18,11 +18,11 @@ from test_browser import ARTIFACTS
 from test_offline import READY_MS, _installed, films
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.browser]
-# The first 6 shared 512-px films (all stable under the bundled model) and the two 64-px films that are
-# the most unstable of all 1,241 shared 512- and 64-px films under the bundled 3-network ensemble (spread
-# 0.127 and 0.117; limit 0.10): the flag is compared both ways. A retrained model may find them stable: then
+# The first 6 shared 512-px films (all stable under the bundled model) and two 64-px films among the most
+# unstable of all 1,241 shared 512- and 64-px films under the bundled frozen-body ensemble (spread 0.179
+# and 0.151; limit 0.10): the flag is compared both ways. A retrained model may find them stable: then
 # pick others (Predictor.predict(paths, stability=True) on a folder takes a minute or two).
-FIRST, UNSTABLE = 6, ("00000061_013.png", "00000061_014.png")
+FIRST, UNSTABLE = 6, ("00000260_000.png", "00000096_005.png")
 # Device vs server, per variant's max |dp| in the API's answer (rounded to 4 decimals): the variants are
 # the same pixels (tilt and jpeg bit for bit, exposure but for a few 1-ulp differences, see the pixel test),
 # so all that is left is onnxruntime-web against onnxruntime (~1e-5) and one step of the rounding. Measured

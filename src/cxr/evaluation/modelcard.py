@@ -62,8 +62,8 @@ def _members(meta: ModelMeta, split: dict) -> list[str]:
         return []
     each = [m.get("n_train") for m in split.get("members", [])]
     trained = f"; each trained on {', '.join(map(str, each))} films (the other folds)" if each else ""
-    shared = " sharing one body (frozen, stored and run once; each has its own head)" if meta.shared_body else ""
-    return [f"- An ensemble of {meta.members} such networks{shared} (the cross-validation's fold models): the shown "
+    shared = ", sharing one frozen body (stored and run once; each has its own head)" if meta.shared_body else ""
+    return [f"- An ensemble of {meta.members} such networks (the cross-validation's fold models){shared}: the shown "
             f"probabilities come from the mean of their logits{trained}. Grad-CAM maps are those of that mean.",
             "- Its calibration and thresholds were fitted on single fold models' out-of-fold scores (the figures "
             "below). The mean of several networks' logits is less spread than one network's, so the ensemble "
