@@ -77,9 +77,8 @@ class Ensemble(CxrNet):
 
 
 def _same_weights(modules: Sequence[nn.Module]) -> bool:
-    first = modules[0].state_dict()
-    return all(m.state_dict().keys() == first.keys() and all(torch.equal(v, first[k]) for k, v in
-                                                             m.state_dict().items()) for m in modules[1:])
+    first, *rest = (m.state_dict() for m in modules)
+    return all(s.keys() == first.keys() and all(torch.equal(s[k], first[k]) for k in s) for s in rest)
 
 
 def ensemble(models: Sequence[CxrNet]) -> Ensemble:
