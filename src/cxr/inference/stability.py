@@ -64,7 +64,7 @@ def variants(gray: np.ndarray, side: int) -> dict[str, np.ndarray]:
     # the same on every CPU, and it is what the offline page computes (Math.pow, then Math.fround).
     curve = np.power(np.clip(base, 0, 1).astype(np.float64), GAMMA).astype(np.float32)
     exposure = LIFT + (1 - LIFT) * curve  # float32 from here on, step by step as the page
-    return {"tilt": np.asarray(tilt, dtype=np.float32), "jpeg": jpeg, "exposure": exposure.astype(np.float32)}
+    return {"tilt": np.asarray(tilt, dtype=np.float32), "jpeg": jpeg, "exposure": exposure}
 
 
 def inputs(gray: np.ndarray, meta) -> np.ndarray:
